@@ -1,0 +1,116 @@
+"""Backend choice for the codec's per-point kernels (torchao-style enum with AUTO).
+
+``auto`` takes Numba-CUDA on a real GPU, else Numba CPU, else the NumPy
+reference, and logs once why it fell back. An explicitly requested backend that
+cannot run raises :class:`BackendUnavailableError`. Importing this module imports
+neither numba nor numba.cuda: kernels load on first use.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+from .errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    REFERENCE = "reference"
+    NUMBA_CPU = "numba-cpu"
+    NUMBA_CUDA = "numba-cuda"
+
+
+# CLI --device spellings
+DEVICE_TO_BACKEND = {"auto": Backend.AUTO, "cpu": Backend.NUMBA_CPU, "cuda": Backend.NUMBA_CUDA}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The per-point operations a backend provides (same signatures as
+    :mod:`compressor.quant_primitives`)."""
+
+    name: str
+    encode_trial: Callable
+    decode_points: Callable
+    pack_bits: Callable
+    unpack_bits: Callable
+
+
+@dataclass(frozen=True)
+class ResolvedBackend:
+    backend: Backend
+    kernels: Kernels
+    reason: str
+
+
+def _from_module(name: str, mod: ModuleType) -> Kernels:
+    return Kernels(name, mod.encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits)
+
+
+def _reference() -> Kernels:
+    from . import quant_primitives
+
+    return _from_module(Backend.REFERENCE.value, quant_primitives)
+
+
+def _numba_cpu() -> Kernels:
+    try:
+        mod = importlib.import_module("numba_kernels.cpu")
+    except ImportError as exc:
+        raise BackendUnavailableError(f"numba-cpu backend unavailable: {exc}") from exc
+    return _from_module(Backend.NUMBA_CPU.value, mod)
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason). A CUDA simulator does not count as a GPU for ``auto``."""
+    try:
+        mod = importlib.import_module("numba_kernels.cuda")
+    except ImportError as exc:
+        return False, f"numba-cuda not importable ({exc})"
+    return mod.is_available()
+
+
+def _numba_cuda() -> Kernels:
+    ok, reason = cuda_status()
+    if not ok:
+        raise BackendUnavailableError(f"numba-cuda backend unavailable: {reason}")
+    return _from_module(Backend.NUMBA_CUDA.value, importlib.import_module("numba_kernels.cuda"))
+
+
+_cache: dict[Backend, ResolvedBackend] = {}
+
+
+def resolve_backend(requested: str | Backend = Backend.AUTO) -> ResolvedBackend:
+    try:
+        b = Backend(requested)
+    except ValueError:
+        raise BackendUnavailableError(
+            f"unknown backend {requested!r}; choose one of {[x.value for x in Backend]}"
+        ) from None
+    if b in _cache:
+        return _cache[b]
+    if b is Backend.REFERENCE:
+        res = ResolvedBackend(b, _reference(), "requested")
+    elif b is Backend.NUMBA_CPU:
+        res = ResolvedBackend(b, _numba_cpu(), "requested")
+    elif b is Backend.NUMBA_CUDA:
+        res = ResolvedBackend(b, _numba_cuda(), "requested")
+    else:
+        ok, why = cuda_status()
+        if ok:
+            res = ResolvedBackend(Backend.NUMBA_CUDA, _numba_cuda(), "auto: CUDA GPU found")
+        else:
+            try:
+                res = ResolvedBackend(Backend.NUMBA_CPU, _numba_cpu(), f"auto: no CUDA GPU ({why})")
+            except BackendUnavailableError as exc:
+                res = ResolvedBackend(Backend.REFERENCE, _reference(), f"auto: no CUDA GPU ({why}); {exc}")
+        log.info("codec backend %s (%s)", res.backend.value, res.reason)
+    _cache[b] = res
+    return res

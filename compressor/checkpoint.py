@@ -1,0 +1,292 @@
+"""Whole-checkpoint compression and the ``CompressedCheckpoint`` container.
+
+``compress`` takes a model, a state dict or a source path and never modifies its
+input. ``CompressedCheckpoint.save`` writes shards, copies the architecture
+files and commits with the manifest last, all inside a temporary sibling
+directory that is renamed into place, so no reader ever sees half a checkpoint and
+an existing checkpoint is only replaced when asked to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from . import quant_primitives as qp
+from .backends import Kernels, resolve_backend
+from .codec import CODEC_VERSION, DTYPE_NAMES, CompressedTensor, RawTensor, TensorEntry, compress_tensor
+from .config import HyperCompressionConfig
+from .errors import BirkhoffError, SourceError
+from .sources import CheckpointSource, open_source
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointExistsError(BirkhoffError, FileExistsError):
+    """The destination already holds a checkpoint (or other files) and overwrite was not asked."""
+
+
+def _kernels(backend) -> Kernels:
+    return backend if isinstance(backend, Kernels) else resolve_backend(backend).kernels
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="param", unit_scale=True, desc=desc, disable=not enabled, leave=False)
+
+
+def compress_tensors(
+    source: CheckpointSource,
+    names: Iterable[str] | None,
+    config: HyperCompressionConfig,
+    backend: str | Kernels = "auto",
+    progress: bool = False,
+    timings: dict | None = None,
+) -> dict[str, TensorEntry]:
+    """Compress the named tensors of a source (all when ``names`` is None), reading
+    only those tensors. ``timings['seconds']`` accumulates the codec time."""
+    kernels = _kernels(backend)
+    index = {i.name: i for i in source.tensor_index()}
+    wanted = list(index) if names is None else list(names)
+    total = sum(index[n].numel for n in wanted if n in index)
+    out: dict[str, TensorEntry] = {}
+    spent = 0.0
+    with _progress(total, progress, "compress") as bar:
+        for name, tensor in source.read(wanted):
+            bar.set_postfix_str(name[-48:], refresh=False)
+            t0 = time.perf_counter()
+            out[name] = compress_tensor(name, tensor, config, kernels, file=index[name].file)
+            spent += time.perf_counter() - t0
+            bar.update(index[name].numel)
+    if timings is not None:
+        timings["seconds"] = timings.get("seconds", 0.0) + spent
+    return {n: out[n] for n in wanted}
+
+
+def stored_tensor(entry: TensorEntry, kernels: Kernels | None = None) -> torch.Tensor:
+    """What a shard holds for an entry: the packed index stream, or the raw tensor."""
+    if entry.raw:
+        return entry.tensor
+    kernels = kernels or _kernels("auto")
+    return torch.from_numpy(kernels.pack_bits(entry.theta, entry.bits))
+
+
+def write_entries_shard(directory, filename: str, entries: Mapping[str, TensorEntry],
+                        kernels: Kernels | None = None) -> tuple[dict, dict[str, dict]]:
+    """Write one shard; return its record and the manifest entries of its tensors."""
+    stored = {n: stored_tensor(e, kernels) for n, e in entries.items()}
+    record = fmt.write_shard(directory, filename, stored)
+    meta = {}
+    for n, e in entries.items():
+        m = e.meta()
+        m["shard"] = filename
+        m["sha256"] = fmt.tensor_sha256(stored[n])
+        meta[n] = m
+    return record, meta
+
+
+def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_meta: Mapping[str, dict],
+                   shard_records: Iterable[dict], extra_files: Mapping[str, dict]) -> dict:
+    from . import __version__
+
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "producer": {"name": "birkhoff", "version": __version__},
+        "codec_version": CODEC_VERSION,
+        "config": config.to_dict(),
+        "source": dict(source_info),
+        "extra_files": dict(extra_files),
+        "shards": {r["file"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in shard_records},
+        "tensors": dict(tensor_meta),
+    }
+
+
+def directory_bytes(directory) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+@dataclass
+class CompressedCheckpoint:
+    entries: dict[str, TensorEntry]
+    config: HyperCompressionConfig
+    source_info: dict = field(default_factory=dict)
+    extra_files: dict[str, Path | bytes] = field(default_factory=dict)
+    compress_seconds: float = 0.0
+
+    # -- saving ------------------------------------------------------------------
+    def save(self, directory, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+             backend: str | Kernels = "auto") -> dict:
+        """Write the checkpoint; returns the manifest. Atomic at directory level."""
+        dst = Path(directory)
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+            raise CheckpointExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            kernels = _kernels(backend)
+            stored = {n: stored_tensor(e, kernels) for n, e in self.entries.items()}
+            sizes = {n: t.numel() * t.element_size() for n, t in stored.items()}
+            plan = fmt.plan_shards(sizes, max_shard_bytes)
+            records, meta = [], {}
+            for shard_name, names in plan.items():
+                rec = fmt.write_shard(tmp, shard_name, {n: stored[n] for n in names})
+                records.append(rec)
+                for n in names:
+                    m = self.entries[n].meta()
+                    m["shard"] = shard_name
+                    m["sha256"] = fmt.tensor_sha256(stored[n])
+                    meta[n] = m
+            meta = {n: meta[n] for n in self.entries}  # manifest in the source's tensor order
+            extras = {}
+            for name, content in self.extra_files.items():
+                if isinstance(content, (bytes, bytearray)):
+                    src = tmp / f".{name}.src"
+                    src.write_bytes(content)
+                    extras[name] = fmt.copy_extra_file(src, tmp, name)
+                    src.unlink()
+                else:
+                    extras[name] = fmt.copy_extra_file(Path(content), tmp, name)
+            manifest = build_manifest(self.config, self.source_info, meta, records, extras)
+            fmt.write_manifest(tmp, manifest)
+            if dst.exists():
+                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    # -- loading -----------------------------------------------------------------
+    @classmethod
+    def load(cls, directory, *, limits: "fmt.LoadLimits | None" = None, verify: bool = True,
+             names: Iterable[str] | None = None) -> "CompressedCheckpoint":
+        """Validate and load a compressed directory (see :mod:`compressor.format`)."""
+        directory = Path(directory)
+        limits = limits or fmt.LoadLimits()
+        manifest = fmt.read_manifest(directory, limits)
+        stored = fmt.load_stored_tensors(directory, manifest, names=names, limits=limits, verify=verify)
+        entries: dict[str, TensorEntry] = {}
+        for name, m in manifest["tensors"].items():
+            if name not in stored:
+                continue
+            data = stored[name]
+            if m["raw"]:
+                entries[name] = RawTensor(name, data, m.get("raw_reason", "raw"))
+            else:
+                theta = np.asarray(data)
+                entries[name] = CompressedTensor(
+                    name=name, shape=tuple(m["shape"]), dtype=m["dtype"], layout=m["layout"], pad=m["pad"],
+                    cx=float(m["centroid"][0]), cy=float(m["centroid"][1]), radius=float(m["radius"]),
+                    box_size=float(m["box_size"]), U=int(m["U"]), K=int(m["K"]), bits=int(m["bits"]),
+                    mae=float(m["mae"]), abs_error_sum=float(m["abs_error_sum"]), theta=theta,
+                )
+        extra = {n: directory / n for n in manifest.get("extra_files", {})}
+        return cls(entries, HyperCompressionConfig.from_dict(manifest["config"]), manifest.get("source", {}), extra)
+
+    # -- views -------------------------------------------------------------------
+    def state_dict(self, backend: str | Kernels = "auto") -> dict[str, torch.Tensor]:
+        """Decoded tensors under their original names, shapes and dtypes."""
+        kernels = _kernels(backend)
+        return {n: e.decode(kernels) for n, e in self.entries.items()}
+
+    def stats(self) -> dict:
+        numel = sum(e.numel for e in self.entries.values())
+        err = sum(e.abs_error_sum for e in self.entries.values())
+        comp = sum(1 for e in self.entries.values() if not e.raw)
+        return {
+            "tensors": len(self.entries),
+            "compressed_tensors": comp,
+            "raw_tensors": len(self.entries) - comp,
+            "params": numel,
+            "compressed_params": sum(e.numel for e in self.entries.values() if not e.raw),
+            "abs_error_sum": err,
+            "mae": err / numel if numel else 0.0,
+            "seconds": self.compress_seconds,
+        }
+
+    def report_rows(self) -> list[dict]:
+        rows = []
+        for n, e in self.entries.items():
+            rows.append({
+                "name": n,
+                "shape": list(e.shape),
+                "dtype": e.dtype,
+                "numel": e.numel,
+                "raw": bool(e.raw),
+                "raw_reason": e.reason if e.raw else None,
+                "layout": None if e.raw else e.layout,
+                "U": None if e.raw else e.U,
+                "K": None if e.raw else e.K,
+                "bits": None if e.raw else e.bits,
+                "mae": float(e.mae),
+                "stored_bytes": e.numel * torch.empty((), dtype=DTYPE_NAMES[e.dtype]).element_size()
+                if e.raw else qp.packed_nbytes(e.n_points, e.bits),
+            })
+        return rows
+
+
+def compress(source, config: HyperCompressionConfig | None = None, *, backend: str | Kernels = "auto",
+             progress: bool = False) -> CompressedCheckpoint:
+    """Compress a model (``nn.Module``), a state dict, or a checkpoint path / Hub id.
+
+    Buffers of a module and non-float tensors stay raw; the input is never modified.
+    """
+    config = config or HyperCompressionConfig()
+    kernels = _kernels(backend)
+    timings: dict = {}
+    if isinstance(source, torch.nn.Module):
+        buffers = {n for n, _ in source.named_buffers()}
+        sd = source.state_dict()
+        extra = {}
+        cfg = getattr(source, "config", None)
+        if cfg is not None and hasattr(cfg, "to_json_string"):
+            extra["config.json"] = cfg.to_json_string().encode()
+        entries = _compress_mapping(sd, config, kernels, progress, timings, buffers)
+        info = {"kind": "module", "class": type(source).__name__,
+                "weight_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+        return CompressedCheckpoint(entries, config, info, extra, timings.get("seconds", 0.0))
+    if isinstance(source, Mapping):
+        for k, v in source.items():
+            if not isinstance(v, torch.Tensor):
+                raise SourceError(f"state dict value is {type(v).__name__}, not a tensor", tensor=str(k))
+        entries = _compress_mapping(source, config, kernels, progress, timings, set())
+        info = {"kind": "state_dict", "weight_bytes": sum(t.numel() * t.element_size() for t in source.values())}
+        return CompressedCheckpoint(entries, config, info, {}, timings.get("seconds", 0.0))
+    src = open_source(source)
+    entries = compress_tensors(src, None, config, kernels, progress, timings)
+    info = src.describe()
+    info["sha256"] = src.source_hash()
+    extra = {f.name: f for f in src.extra_files}
+    return CompressedCheckpoint(entries, config, info, extra, timings.get("seconds", 0.0))
+
+
+def _compress_mapping(sd, config, kernels, progress, timings, buffers) -> dict[str, TensorEntry]:
+    out = {}
+    spent = 0.0
+    with _progress(sum(t.numel() for t in sd.values()), progress, "compress") as bar:
+        for name, t in sd.items():
+            t0 = time.perf_counter()
+            out[name] = compress_tensor(name, t, config, kernels, is_buffer=name in buffers)
+            spent += time.perf_counter() - t0
+            bar.update(t.numel())
+    timings["seconds"] = spent
+    return out

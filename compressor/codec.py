@@ -1,0 +1,236 @@
+"""Per-tensor Hyper-Compression: the paper's Algorithm 1 over ``U`` and ``K``.
+
+The heavy per-point work (classify, scale, nearest lattice point, decode, error)
+is one ``encode_trial`` call of the chosen backend; everything that must agree
+bit for bit between backends (centroid, radius, class radii, the choice of
+``U``/``K``, the final dtype-exact MAE) is computed here once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+import torch
+
+from . import quant_primitives as qp
+from .backends import Kernels, resolve_backend
+from .config import HyperCompressionConfig
+from .errors import NonFiniteTensorError
+
+log = logging.getLogger(__name__)
+
+CODEC_VERSION = 1
+
+_FLOAT_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+DTYPE_NAMES = {v: k for k, v in _FLOAT_DTYPES.items()}
+DTYPE_NAMES.update({
+    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+    "uint8": torch.uint8, "bool": torch.bool,
+})
+TORCH_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return TORCH_TO_NAME[dtype]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {dtype}") from None
+
+
+@dataclass
+class CompressedTensor:
+    """One compressed tensor: its indices and the constants that decode them."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    pad: bool
+    cx: float
+    cy: float
+    radius: float
+    box_size: float
+    U: int
+    K: int
+    bits: int
+    mae: float
+    abs_error_sum: float
+    theta: np.ndarray = field(repr=False)  # [n_points] uint16/uint32, row-major over the points
+
+    raw = False
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def n_points(self) -> int:
+        return int(self.theta.shape[0])
+
+    @property
+    def pad_cols(self) -> int:
+        if not self.pad:
+            return 0
+        return (self.shape[1] + 1) // 2 if self.layout == qp.LAYOUT_ROWS else self.n_points
+
+    def rho(self) -> np.ndarray:
+        return qp.class_radii(self.radius, self.box_size, self.K)
+
+    def lut(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 decode table over every ``theta`` (``U*(K+1)`` entries)."""
+        return qp.decode_lut(self.U, self.K, self.box_size, self.cx, self.cy, self.rho())
+
+    def decode(self, kernels: Kernels | None = None) -> torch.Tensor:
+        """The decoded tensor in its original dtype and shape."""
+        kernels = kernels or resolve_backend("auto").kernels
+        lx, ly = self.lut()
+        x, y = kernels.decode_points(self.theta, lx, ly)
+        arr = qp.points_to_tensor(x, y, self.shape, self.layout)
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(DTYPE_NAMES[self.dtype])
+
+    def theta_matrix(self) -> np.ndarray:
+        """Indices as ``[out, ceil(in/2)]`` (rows layout only): HyperLinear's buffer."""
+        if self.layout != qp.LAYOUT_ROWS:
+            raise ValueError(f"{self.name}: only rows-layout tensors form an index matrix")
+        return self.theta.reshape(self.shape[0], (self.shape[1] + 1) // 2)
+
+    def meta(self) -> dict:
+        return {
+            "raw": False,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "layout": self.layout,
+            "pad": self.pad,
+            "n_points": self.n_points,
+            "centroid": [self.cx, self.cy],
+            "radius": self.radius,
+            "box_size": self.box_size,
+            "U": self.U,
+            "K": self.K,
+            "bits": self.bits,
+            "mae": self.mae,
+            "abs_error_sum": self.abs_error_sum,
+        }
+
+
+@dataclass
+class RawTensor:
+    """A tensor kept as it was; ``reason`` says why."""
+
+    name: str
+    tensor: torch.Tensor = field(repr=False)
+    reason: str
+
+    raw = True
+    mae = 0.0
+    abs_error_sum = 0.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.tensor.dtype)
+
+    @property
+    def numel(self) -> int:
+        return int(self.tensor.numel())
+
+    def decode(self, kernels: Kernels | None = None) -> torch.Tensor:
+        return self.tensor
+
+    def meta(self) -> dict:
+        return {"raw": True, "raw_reason": self.reason, "shape": list(self.shape), "dtype": self.dtype}
+
+
+TensorEntry = Union[CompressedTensor, RawTensor]
+
+
+def _raw(name: str, tensor: torch.Tensor, reason: str) -> RawTensor:
+    # detach + contiguous copy: never alias (or later mutate) the caller's tensor
+    return RawTensor(name, tensor.detach().to("cpu").contiguous().clone(), reason)
+
+
+def compress_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    config: HyperCompressionConfig | None = None,
+    backend: str | Kernels = "auto",
+    *,
+    file: str | None = None,
+    is_buffer: bool = False,
+) -> TensorEntry:
+    """Compress one tensor by Algorithm 1, or keep it raw (and say why).
+
+    Never modifies ``tensor``. ``file`` only names the source in errors.
+    """
+    config = config or HyperCompressionConfig()
+    kernels = backend if isinstance(backend, Kernels) else resolve_backend(backend).kernels
+    settings = config.settings_for(name)
+    if settings.raw:
+        return _raw(name, tensor, "override")
+    if is_buffer:
+        return _raw(name, tensor, "buffer")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        return _raw(name, tensor, "non-float")
+    if tensor.numel() < config.min_elements:
+        return _raw(name, tensor, "small")
+
+    w64 = tensor.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(w64).all():
+        if config.nonfinite == "raw":
+            log.warning("%s holds NaN/Inf: kept raw as configured", name)
+            return _raw(name, tensor, "nonfinite")
+        raise NonFiniteTensorError(
+            "tensor holds NaN or Inf (set nonfinite='raw' to keep such tensors uncompressed)",
+            file=file, tensor=name,
+        )
+
+    shape = tuple(tensor.shape)
+    layout = qp.choose_layout(shape)
+    pts = qp.tensor_points(w64, layout)
+    box = float(settings.box_size)
+    geo = qp.point_geometry(pts.px, pts.py, box)
+    k_range = [0] if geo.all_inner else list(range(1, settings.max_classes + 1))
+    numel = pts.numel
+
+    best = None  # (mae, U, K, theta)
+    for ui, U in enumerate(settings.points):
+        for K in k_range:
+            rho = qp.class_radii(geo.R, box, K)
+            theta, err = kernels.encode_trial(pts.px, pts.py, geo.cx, geo.cy, box, U, rho, pts.pad_cols)
+            mae = err / numel
+            if best is None or mae < best[0]:
+                best = (mae, U, K, theta)
+            if mae <= settings.target_mae:
+                break
+        if best[0] <= settings.points_target_mae or ui == len(settings.points) - 1:
+            break
+
+    search_mae, U, K, theta = best
+    if search_mae > settings.fallback_mae:
+        return _raw(name, tensor, "fallback")
+
+    bits = qp.bits_for(int(theta.max()) if theta.size else 0)
+    theta = theta.astype(np.uint16) if bits <= 16 else theta.astype(np.uint32)
+    entry = CompressedTensor(
+        name=name, shape=shape, dtype=dtype_name(tensor.dtype), layout=layout, pad=pts.pad,
+        cx=geo.cx, cy=geo.cy, radius=geo.R, box_size=box, U=int(U), K=int(K), bits=bits,
+        mae=0.0, abs_error_sum=0.0, theta=theta,
+    )
+    # The reported error is against the decoded tensor *in the source dtype*, so
+    # that decompressing and recomputing gives the same number.
+    decoded = entry.decode(kernels).to(torch.float64).numpy()
+    err = float(np.abs(decoded - w64).sum())
+    entry.abs_error_sum = err
+    entry.mae = err / numel
+    return entry

@@ -1,0 +1,101 @@
+"""Typed errors. Every error about data names the file and the tensor it concerns."""
+
+from __future__ import annotations
+
+
+class BirkhoffError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(BirkhoffError, ValueError):
+    """A configuration value is invalid."""
+
+
+class BackendUnavailableError(BirkhoffError, RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+class _Located(BirkhoffError):
+    """An error about a file and, where known, a tensor in it."""
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
+        self.file = None if file is None else str(file)
+        self.tensor = tensor
+        self.detail = message
+        where = []
+        if self.file is not None:
+            where.append(f"file {self.file}")
+        if tensor is not None:
+            where.append(f"tensor {tensor!r}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+    def __reduce__(self):  # keep the fields across Ray / pickling boundaries
+        return (_rebuild, (type(self), self.detail, self.file, self.tensor))
+
+
+def _rebuild(cls, message, file, tensor):
+    return cls(message, file=file, tensor=tensor)
+
+
+class SourceError(_Located, ValueError):
+    """A source checkpoint cannot be read or holds data we refuse (NaN/Inf, pickles)."""
+
+
+class NonFiniteTensorError(SourceError):
+    """A source tensor holds NaN or Inf."""
+
+
+class FormatError(_Located, ValueError):
+    """A compressed checkpoint is malformed. Subclasses say how."""
+
+
+class UnknownFormatError(FormatError):
+    """Format name or version this build does not know."""
+
+
+class ManifestError(FormatError):
+    """manifest.json is missing, unparsable, or inconsistent."""
+
+
+class MissingTensorError(FormatError):
+    """A tensor the manifest lists is absent from its shard, or a shard is missing."""
+
+
+class DuplicateTensorError(FormatError):
+    """A tensor name appears twice."""
+
+
+class UnexpectedTensorError(FormatError):
+    """A shard holds a tensor the manifest does not list."""
+
+
+class DTypeMismatchError(FormatError):
+    """A stored tensor's dtype or shape differs from what the manifest declares."""
+
+
+class PackedLengthError(FormatError):
+    """The packed index stream length is not ceil(n * bits / 8)."""
+
+
+class IndexRangeError(FormatError):
+    """A stored index is at or above U * (K + 1)."""
+
+
+class ChecksumError(FormatError):
+    """The sha256 of a tensor's bytes differs from the manifest."""
+
+
+class SizeLimitError(FormatError):
+    """A declared size exceeds the loader's cap; nothing was allocated."""
+
+
+class TruncatedDataError(FormatError):
+    """A shard is shorter than its header declares, or has trailing bytes."""
+
+
+class MissingFileError(MissingTensorError):
+    """A file the manifest lists (a shard or a copied architecture file) is absent."""
+
+
+class ShardHeaderError(FormatError):
+    """A shard's safetensors header is malformed (not JSON, bad dtype, shape or offsets)."""

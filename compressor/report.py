@@ -1,0 +1,48 @@
+"""Per-tensor report of a compressed checkpoint, as rows or Parquet (pyarrow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPORT_COLUMNS = ("name", "shape", "dtype", "numel", "raw", "raw_reason", "layout", "U", "K", "bits", "mae")
+
+
+def manifest_rows(manifest: dict) -> list[dict]:
+    rows = []
+    for name, m in manifest["tensors"].items():
+        numel = 1
+        for d in m["shape"]:
+            numel *= int(d)
+        raw = bool(m["raw"])
+        rows.append({
+            "name": name,
+            "shape": [int(d) for d in m["shape"]],
+            "dtype": m["dtype"],
+            "numel": numel,
+            "raw": raw,
+            "raw_reason": m.get("raw_reason") if raw else None,
+            "layout": None if raw else m["layout"],
+            "U": None if raw else int(m["U"]),
+            "K": None if raw else int(m["K"]),
+            "bits": None if raw else int(m["bits"]),
+            "mae": 0.0 if raw else float(m["mae"]),
+        })
+    return rows
+
+
+def write_parquet(rows: list[dict], path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("name", pa.string()), ("shape", pa.list_(pa.int64())), ("dtype", pa.string()), ("numel", pa.int64()),
+        ("raw", pa.bool_()), ("raw_reason", pa.string()), ("layout", pa.string()), ("U", pa.int64()),
+        ("K", pa.int64()), ("bits", pa.int64()), ("mae", pa.float64()),
+    ])
+    table = pa.Table.from_pylist([{c: r.get(c) for c in REPORT_COLUMNS} for r in rows], schema=schema)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
