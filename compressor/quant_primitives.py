@@ -188,6 +188,8 @@ def classify(px, py, cx, cy, box_size, rho) -> np.ndarray:
 
 
 def scale_points(px, py, cx, cy, box_size, rho, cls):
+    if rho.shape[0] == 1:  # K = 0: every point is inner and coded as it is
+        return px, py
     half = box_size * 0.5
     dx = px - cx
     dy = py - cy

@@ -1,0 +1,418 @@
+"""HyperLinear: ``y = x W^T + b`` with ``W`` decoded from Hyper-Compression indices
+inside the kernel, never stored as floats (``shared/HYPERCOMPRESSION.md`` section 7).
+
+State (all buffers, so ``state_dict`` round trips and ``.to(device)`` moves them):
+
+* ``theta``: ``[out, ceil(in/2)]`` indices, ``torch.uint16`` while
+  ``U*(K+1) <= 65536`` (8 bits per weight), else ``torch.int32``.
+* ``codec``: ``int64[8]`` = ``[version, U, K, cx, cy, radius, box_size, dtype]``
+  where the four floats are float64 *bit patterns*. Integer, so ``model.half()``
+  cannot round them; the decode tables are rebuilt from them with the codec's
+  own :func:`quant_primitives.decode_lut` and equal ``CompressedTensor.lut()``.
+* ``bias`` (a parameter, like ``nn.Linear``), or ``None``.
+
+The decode tables (``U*(K+1)`` points, 6400 for the defaults) are derived, cached per
+(device, dtype) and never serialized. Transient memory per call: the ``decode``
+paths write ``W`` in the compute dtype into a workspace (CPU: one reusable buffer
+per thread and dtype, as large as the largest layer seen, shared by every layer;
+CUDA: torch's caching allocator, freed after the matmul). The fused paths use none.
+
+Backends (per layer, :meth:`HyperLinear.set_backend`): ``reference`` (torch
+gather + ``F.linear``; any device), ``numba-cpu`` (parallel @njit decode + torch
+matmul; measured faster than the fused @njit kernel at every token count, see
+``docs/bench/hyperlinear.md``), ``numba-cuda`` (fused warp-per-row kernel up to
+``CUDA_FUSED_MAX_TOKENS`` tokens, decode + tensor-core matmul above), ``auto``
+(by device, dtype and token count; logs each choice once). An explicit backend
+that cannot run raises :class:`BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quant_primitives as qp
+from .backends import Backend
+from .codec import DTYPE_NAMES, CompressedTensor, RawTensor, compress_tensor, dtype_name
+from .config import HyperCompressionConfig
+from .errors import BackendUnavailableError, BirkhoffError, IndexRangeError
+
+log = logging.getLogger(__name__)
+
+HYPERLINEAR_VERSION = 1
+CUDA_FUSED_MAX_TOKENS = 16  # the fused kernel's per-thread accumulators (numba_kernels.hyperlinear_cuda.MAX_TOKENS)
+UINT16_CODES = 1 << 16
+
+_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# same-width integer views: the decode kernels move bit patterns
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.float64: torch.int64}
+
+
+class HyperLinearError(BirkhoffError, ValueError):
+    """A HyperLinear cannot be built from the given tensors, or gets bad input."""
+
+
+def _f64_bits(v: float) -> int:
+    return int(np.array(v, dtype=np.float64).view(np.int64))
+
+
+def _bits_f64(i: int) -> float:
+    return float(np.array(i, dtype=np.int64).view(np.float64))
+
+
+def index_dtype(n_codes: int) -> torch.dtype:
+    """uint16 while every index fits (8 bits per weight), else int32."""
+    return torch.uint16 if n_codes <= UINT16_CODES else torch.int32
+
+
+# -- backend availability ---------------------------------------------------------
+
+_avail_cache: dict[str, tuple[bool, str]] = {}
+
+
+def _cpu_kernels():
+    return importlib.import_module("numba_kernels.hyperlinear_cpu")
+
+
+def _cuda_kernels():
+    return importlib.import_module("numba_kernels.hyperlinear_cuda")
+
+
+def numba_cpu_status() -> tuple[bool, str]:
+    if "cpu" not in _avail_cache:
+        try:
+            _cpu_kernels()
+            _avail_cache["cpu"] = (True, "numba importable")
+        except Exception as exc:  # ImportError, or numba failing to initialise
+            _avail_cache["cpu"] = (False, f"numba_kernels.hyperlinear_cpu not importable ({exc})")
+    return _avail_cache["cpu"]
+
+
+def numba_cuda_status() -> tuple[bool, str]:
+    """Usable for torch CUDA tensors: needs a real GPU (the simulator takes host arrays)."""
+    if "cuda" not in _avail_cache:
+        if not torch.cuda.is_available():
+            _avail_cache["cuda"] = (False, "torch sees no CUDA device")
+        else:
+            try:
+                mod = _cuda_kernels()
+                if mod.is_simulator():
+                    _avail_cache["cuda"] = (False, "numba runs the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+                else:
+                    _avail_cache["cuda"] = (True, "numba-cuda importable")
+            except Exception as exc:
+                _avail_cache["cuda"] = (False, f"numba_kernels.hyperlinear_cuda not importable ({exc})")
+    return _avail_cache["cuda"]
+
+
+_logged: set = set()
+_log_lock = threading.Lock()
+
+
+def _log_once(key, msg, *args) -> None:
+    with _log_lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    log.info(msg, *args)
+
+
+# -- CPU workspace -------------------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _cpu_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable ``[rows, cols]`` buffer for this thread and dtype: one buffer for
+    every layer (sized by the largest), never a per-layer float weight."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    need = rows * cols
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < need:
+        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+            buf = torch.empty(need, dtype=dtype)
+        bufs[dtype] = buf
+    return buf[:need].view(rows, cols)
+
+
+def release_workspaces() -> None:
+    """Free this thread's CPU decode workspaces (they are re-created on demand)."""
+    _tls.bufs = {}
+
+
+# -- the module -------------------------------------------------------------------------
+
+class HyperLinear(nn.Module):
+    """A linear layer whose weight lives as Hyper-Compression indices.
+
+    Build it with :meth:`from_compressed` (a checkpoint entry) or
+    :meth:`from_linear` (an ``nn.Linear`` and a config). The plain constructor
+    makes an empty layer (indices zero) of the given geometry, to be filled by
+    ``load_state_dict``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, U: int, K: int,
+                 cx: float, cy: float, radius: float, box_size: float,
+                 weight_dtype: torch.dtype | str = torch.float32, backend: str = "auto",
+                 device=None, name: str | None = None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise HyperLinearError(f"{name or 'HyperLinear'}: features must be >= 1, got {in_features}->{out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.name = name
+        wd = weight_dtype if isinstance(weight_dtype, str) else dtype_name(weight_dtype)
+        if wd not in _DTYPE_CODES:
+            raise HyperLinearError(f"{name}: unsupported weight dtype {wd}")
+        codec = torch.tensor([HYPERLINEAR_VERSION, int(U), int(K), _f64_bits(cx), _f64_bits(cy),
+                              _f64_bits(radius), _f64_bits(box_size), _DTYPE_CODES[wd]], dtype=torch.int64)
+        self._set_constants(codec)
+        self.register_buffer("codec", codec.to(device))
+        pairs = (self.in_features + 1) // 2
+        self.register_buffer("theta", torch.zeros(self.out_features, pairs, dtype=index_dtype(self.n_codes),
+                                                  device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=DTYPE_NAMES[wd], device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._luts: dict = {}
+        self.backend = Backend.AUTO.value
+        self.set_backend(backend)
+        self.register_load_state_dict_post_hook(HyperLinear._after_load)
+
+    # -- constants --------------------------------------------------------------------
+    def _set_constants(self, codec: torch.Tensor) -> None:
+        vals = [int(v) for v in codec.detach().to("cpu").tolist()]
+        if len(vals) != 8 or vals[0] != HYPERLINEAR_VERSION:
+            raise HyperLinearError(f"{self.name}: unknown HyperLinear codec record {vals[:1]} "
+                                   f"(this build knows version {HYPERLINEAR_VERSION})")
+        U, K = vals[1], vals[2]
+        if U < 1 or K < 0 or vals[7] not in _CODE_DTYPES:
+            raise HyperLinearError(f"{self.name}: invalid codec constants U={U} K={K} dtype code={vals[7]}")
+        self.U, self.K = U, K
+        self.cx, self.cy, self.radius, self.box_size = (_bits_f64(v) for v in vals[3:7])
+        self.weight_dtype = DTYPE_NAMES[_CODE_DTYPES[vals[7]]]
+        self._luts = {}
+
+    @property
+    def n_codes(self) -> int:
+        return self.U * (self.K + 1)
+
+    @staticmethod
+    def _after_load(module: "HyperLinear", incompatible) -> None:
+        module._set_constants(module.codec)
+        module._validate_theta()
+
+    def _validate_theta(self) -> None:
+        """Kernels index the tables without bounds checks, so every index is checked
+        once, here (on build and on every state-dict load)."""
+        th = self.theta
+        if th.is_meta:
+            return
+        if self.n_codes > UINT16_CODES and th.dtype == torch.uint16:
+            raise HyperLinearError(f"{self.name}: U*(K+1)={self.n_codes} does not fit the uint16 index buffer")
+        if th.numel():
+            wide = th.to(torch.int32)  # torch has no max() for uint16
+            mx = int(wide.max().item())
+            mn = int(wide.min().item())
+            if mx >= self.n_codes or mn < 0:
+                raise IndexRangeError(f"index out of range [0, {self.n_codes}): min {mn}, max {mx}",
+                                      tensor=self.name)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._luts = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- constructors -----------------------------------------------------------------
+    @classmethod
+    def from_compressed(cls, entry: CompressedTensor, bias: torch.Tensor | RawTensor | CompressedTensor | None = None,
+                        *, backend: str = "auto", device=None) -> "HyperLinear":
+        """From a compressed checkpoint entry (rows layout, 2-D); ``bias`` may be a
+        tensor or a checkpoint entry (decoded)."""
+        if not isinstance(entry, CompressedTensor):
+            raise HyperLinearError(f"{getattr(entry, 'name', '?')}: not a compressed tensor (raw entries stay nn.Linear)")
+        if entry.layout != qp.LAYOUT_ROWS or len(entry.shape) != 2:
+            raise HyperLinearError(f"{entry.name}: HyperLinear needs a rows-layout 2-D weight, got layout "
+                                   f"{entry.layout!r} shape {entry.shape}")
+        out_f, in_f = entry.shape
+        theta = np.asarray(entry.theta_matrix())
+        mod = cls(in_f, out_f, bias is not None, U=entry.U, K=entry.K, cx=entry.cx, cy=entry.cy,
+                  radius=entry.radius, box_size=entry.box_size, weight_dtype=entry.dtype, backend=backend,
+                  device="meta", name=entry.name)
+        if theta.size and int(theta.max()) >= mod.n_codes:
+            raise IndexRangeError(f"index {int(theta.max())} >= U*(K+1) = {mod.n_codes}", tensor=entry.name)
+        np_idt = np.uint16 if index_dtype(mod.n_codes) == torch.uint16 else np.int32
+        # a copy: the layer must not alias (or later mutate) the entry's indices
+        mod.theta = torch.from_numpy(np.array(theta, dtype=np_idt, order="C")).to(device or "cpu")
+        mod.codec = torch.tensor(mod._codec_list(), dtype=torch.int64, device=device or "cpu")
+        if bias is not None:
+            b = bias.decode() if isinstance(bias, (RawTensor, CompressedTensor)) else bias
+            b = b.detach()
+            if tuple(b.shape) != (out_f,):
+                raise HyperLinearError(f"{entry.name}: bias shape {tuple(b.shape)} does not match out_features {out_f}")
+            mod.bias = nn.Parameter(b.to(device=device or "cpu").clone(), requires_grad=False)
+        return mod
+
+    def _codec_list(self) -> list[int]:
+        return [HYPERLINEAR_VERSION, self.U, self.K, _f64_bits(self.cx), _f64_bits(self.cy), _f64_bits(self.radius),
+                _f64_bits(self.box_size), _DTYPE_CODES[dtype_name(self.weight_dtype)]]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: HyperCompressionConfig | None = None, *, name: str = "weight",
+                    codec_backend: str = "auto", backend: str = "auto") -> "HyperLinear":
+        """Compress ``linear.weight`` with ``config`` (never modifying ``linear``); the
+        bias is kept exactly. Raises if the codec keeps the weight raw."""
+        entry = compress_tensor(name, linear.weight.detach(), config, backend=codec_backend)
+        if isinstance(entry, RawTensor):
+            raise HyperLinearError(f"{name}: the codec kept this weight raw ({entry.reason}); keep the nn.Linear")
+        dev = linear.weight.device
+        return cls.from_compressed(entry, None if linear.bias is None else linear.bias.detach(), backend=backend,
+                                   device=dev)
+
+    # -- decoding ---------------------------------------------------------------------
+    def lut(self, dtype: torch.dtype | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode tables ``(lut_x, lut_y)``: ``CompressedTensor.lut()`` cast to ``dtype``."""
+        dtype = dtype or self.weight_dtype
+        device = torch.device(device) if device is not None else self.theta.device
+        key = (device, dtype)
+        hit = self._luts.get(key)
+        if hit is None:
+            rho = qp.class_radii(self.radius, self.box_size, self.K)
+            lx, ly = qp.decode_lut(self.U, self.K, self.box_size, self.cx, self.cy, rho)
+            with torch.inference_mode(False):
+                tab = torch.from_numpy(np.stack([lx, ly])).to(dtype).to(device)
+            hit = self._luts[key] = (tab[0], tab[1])
+        return hit
+
+    def dequantize(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """The reference decode: ``W [out, in]`` (default: the source dtype, on the
+        indices' device), equal to ``CompressedTensor.decode()``."""
+        dtype = dtype or self.weight_dtype
+        device = torch.device(device) if device is not None else self.theta.device
+        lx, ly = self.lut(dtype, device)
+        idx = self.theta.to(device=device, dtype=torch.int64)
+        w = torch.stack([lx[idx], ly[idx]], dim=-1).reshape(self.out_features, -1)
+        return w[:, : self.in_features].contiguous()
+
+    # -- backend choice ---------------------------------------------------------------
+    def set_backend(self, backend: str | Backend) -> "HyperLinear":
+        """Pick this layer's backend; raises if an explicit one cannot run here."""
+        try:
+            b = Backend(backend)
+        except ValueError:
+            raise BackendUnavailableError(f"unknown HyperLinear backend {backend!r}; choose one of "
+                                          f"{[x.value for x in Backend]}") from None
+        if b is Backend.NUMBA_CPU:
+            ok, why = numba_cpu_status()
+            if not ok:
+                raise BackendUnavailableError(f"numba-cpu HyperLinear backend unavailable: {why}")
+        elif b is Backend.NUMBA_CUDA:
+            ok, why = numba_cuda_status()
+            if not ok:
+                raise BackendUnavailableError(f"numba-cuda HyperLinear backend unavailable: {why}")
+        self.backend = b.value
+        return self
+
+    def _choose(self, x: torch.Tensor, tokens: int) -> str:
+        """``reference``, ``cpu-decode``, ``cuda-fused`` or ``cuda-decode``."""
+        b = self.backend
+        is_cuda = x.device.type == "cuda"
+        if b == Backend.REFERENCE.value:
+            return "reference"
+        if b == Backend.NUMBA_CPU.value:
+            if x.device.type != "cpu":
+                raise BackendUnavailableError(f"{self.name}: numba-cpu backend got a {x.device.type} input")
+            return "cpu-decode"
+        if b == Backend.NUMBA_CUDA.value:
+            if not is_cuda:
+                raise BackendUnavailableError(f"{self.name}: numba-cuda backend got a {x.device.type} input")
+            return "cuda-fused" if tokens <= CUDA_FUSED_MAX_TOKENS else "cuda-decode"
+        # auto
+        small = tokens <= CUDA_FUSED_MAX_TOKENS
+        if x.device.type == "cpu":
+            ok, why = numba_cpu_status()
+            path = "cpu-decode" if ok else "reference"
+        elif is_cuda:
+            ok, why = numba_cuda_status()
+            path = ("cuda-fused" if small else "cuda-decode") if ok else "reference"
+        else:
+            ok, why, path = False, f"no numba kernels for device {x.device.type}", "reference"
+        if x.dtype == torch.float64 and path.startswith("cuda-fused"):
+            path, why = "cuda-decode", "fp64 input: the fused kernel accumulates in fp32"
+        _log_once((x.device.type, x.dtype, small), "HyperLinear auto backend: %s for %s %s inputs with %s tokens (%s)",
+                  path, x.device.type, x.dtype, "<=16" if small else ">16", why)
+        return path
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _hyperlinear_forward(self, x)
+
+    def extra_repr(self) -> str:
+        bits = 8.0 * self.theta.element_size() * self.theta.shape[1] / self.in_features
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"U={self.U}, K={self.K}, box_size={self.box_size:g}, index={str(self.theta.dtype).replace('torch.', '')}, "
+                f"bits_per_weight={bits:.2f}, weight_dtype={str(self.weight_dtype).replace('torch.', '')}, "
+                f"backend={self.backend}")
+
+
+@torch.compiler.disable  # numba kernels are opaque to dynamo: a graph break, not a crash
+def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] != m.in_features:
+        raise HyperLinearError(f"{m.name}: input has {x.shape[-1]} features, layer expects {m.in_features}")
+    if x.dtype not in _COMPUTE_DTYPES:
+        raise HyperLinearError(f"{m.name}: unsupported input dtype {x.dtype}")
+    if x.device != m.theta.device:
+        raise HyperLinearError(f"{m.name}: input on {x.device}, layer on {m.theta.device}")
+    dtype = x.dtype
+    tokens = x.numel() // m.in_features
+    bias = None if m.bias is None else m.bias.to(dtype)
+    path = m._choose(x, tokens)
+    if path == "reference":
+        return F.linear(x, m.dequantize(dtype, x.device), bias)
+    # a workspace that autograd would save must not be reused
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    ivt = _INT_VIEW[dtype]
+    lx, ly = m.lut(dtype, x.device)
+    if path == "cpu-decode":
+        k = _cpu_kernels()
+        w = torch.empty(m.out_features, m.in_features, dtype=dtype) if needs_grad else \
+            _cpu_workspace(m.out_features, m.in_features, dtype)
+        k.decode_rows(m.theta.numpy(), lx.view(ivt).numpy(), ly.view(ivt).numpy(), w.view(ivt).numpy())
+        return F.linear(x, w, bias)
+    k = _cuda_kernels()
+    cuda = k.cuda
+    stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
+    if path == "cuda-fused" and not needs_grad:
+        x2 = x.reshape(tokens, m.in_features).to(torch.float32).contiguous()
+        out = torch.empty(tokens, m.out_features, dtype=torch.float32, device=x.device)
+        lxf, lyf = (lx, ly) if dtype == torch.float32 else (lx.float(), ly.float())
+        k.fused_linear(x2, m.theta, lxf, lyf, out, stream)
+        if bias is not None:
+            out += m.bias.to(torch.float32)
+        return out.to(dtype).reshape(*x.shape[:-1], m.out_features)
+    w = torch.empty(m.out_features, m.in_features, dtype=dtype, device=x.device)
+    k.decode_rows(m.theta, lx.view(ivt), ly.view(ivt), w.view(ivt), stream)
+    return F.linear(x, w, bias)
+
+
+def hyperlinear_bytes(m: HyperLinear) -> dict[str, int]:
+    """Device bytes held by a layer: indices, constants (codec record, bias)."""
+    return {
+        "theta": m.theta.numel() * m.theta.element_size(),
+        "codec": m.codec.numel() * m.codec.element_size(),
+        "bias": 0 if m.bias is None else m.bias.numel() * m.bias.element_size(),
+    }

@@ -1,0 +1,196 @@
+"""Models with HyperLinear layers: put them into a model, or rebuild a model from a
+compressed Hugging Face directory without ever decoding its compressed linears.
+
+* :func:`apply_hyperlinear` swaps, in place, every ``nn.Linear`` whose weight the
+  checkpoint compressed (matched by full dotted name) for a :class:`HyperLinear`
+  built from the stored indices, and loads every other tensor of the checkpoint.
+* :func:`load_model` builds the transformers model on the meta device (no
+  allocation), then does the same. The float weights of compressed linears exist
+  nowhere, at no point: the layers are built from the indices directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from . import quant_primitives as qp
+from .backends import resolve_backend
+from .codec import CompressedTensor, RawTensor, TensorEntry
+from .errors import MissingTensorError, UnexpectedTensorError
+from .hyperlinear import HyperLinear, HyperLinearError
+
+log = logging.getLogger(__name__)
+
+#: tried, in order, when ``config.architectures`` names no transformers model class
+FALLBACK_MODEL_CLASSES = ("SamModel", "SamHQModel", "Sam2Model")
+
+
+def _entries(checkpoint) -> Mapping[str, TensorEntry]:
+    entries = getattr(checkpoint, "entries", checkpoint)
+    if not isinstance(entries, Mapping):
+        raise TypeError(f"checkpoint must be a CompressedCheckpoint or a mapping of entries, "
+                        f"got {type(checkpoint).__name__}")
+    return entries
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with another name (tied weights)."""
+    seen: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(n)
+    tied = {n for names in seen.values() if len(names) > 1 for n in names}
+    for a, b in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        tied.update((a, b))
+    return tied
+
+
+def _linear_target(entry: TensorEntry | None, mod: nn.Linear) -> bool:
+    return (isinstance(entry, CompressedTensor) and entry.layout == qp.LAYOUT_ROWS
+            and tuple(entry.shape) == (mod.out_features, mod.in_features))
+
+
+def apply_hyperlinear(model: nn.Module, checkpoint, *, backend: str = "auto", device=None,
+                      codec_backend: str = "auto", strict: bool = True) -> list[str]:
+    """Replace compressed ``nn.Linear`` modules of ``model`` in place and load the
+    checkpoint's other tensors; returns the replaced module names.
+
+    ``checkpoint``: a ``CompressedCheckpoint`` or a mapping ``name -> entry``.
+    ``device``: where the HyperLinear layers and loaded tensors go (default: where
+    the model's tensors are; CPU for a meta model). ``strict``: a checkpoint tensor
+    the model lacks raises :class:`UnexpectedTensorError`. Model tensors absent
+    from the checkpoint keep their values (on a meta model they stay meta, which
+    :func:`load_model` reports).
+    """
+    entries = _entries(checkpoint)
+    kernels = resolve_backend(codec_backend).kernels
+    tied = _tied_names(model)
+    target = torch.device(device) if device is not None else None
+
+    def dev_of(t: torch.Tensor) -> torch.device:
+        if target is not None:
+            return target
+        return torch.device("cpu") if t.is_meta else t.device
+
+    replaced: list[str] = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or not name:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):  # it reads out_proj.weight directly
+            continue
+        wname, bname = f"{name}.weight", f"{name}.bias"
+        entry = entries.get(wname)
+        if not _linear_target(entry, mod):
+            continue
+        if wname in tied:
+            log.info("%s: weight is tied to another tensor; kept as nn.Linear", name)
+            continue
+        bias = None
+        if mod.bias is not None:
+            if bname not in entries:
+                raise MissingTensorError("linear bias missing from the checkpoint", tensor=bname)
+            bias = entries[bname].decode(kernels)
+        hl = HyperLinear.from_compressed(entry, bias, backend=backend, device=dev_of(mod.weight))
+        setattr(parent, attr, hl)
+        replaced.append(name)
+
+    skip = {f"{n}.{s}" for n in replaced for s in ("weight", "bias", "theta", "codec")}
+    own = model.state_dict(keep_vars=True)
+    # older checkpoints store buffers that are now non-persistent (position ids): the model computes them
+    known = set(own) | {n for n, _ in model.named_buffers()} | skip
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = [k for k in entries if k not in known and not any(p.search(k) for p in ignore)]
+    if unexpected and strict:
+        raise UnexpectedTensorError(f"checkpoint tensors the model does not have: {unexpected[:8]}"
+                                    f"{' ...' if len(unexpected) > 8 else ''}", tensor=unexpected[0])
+    assign = any(t.is_meta for t in own.values())
+    sd: dict[str, torch.Tensor] = {}
+    for key, cur in own.items():
+        if key in skip or key not in entries:
+            continue
+        t = entries[key].decode(kernels)
+        if tuple(t.shape) != tuple(cur.shape):
+            raise HyperLinearError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(cur.shape)}")
+        sd[key] = t.to(dev_of(cur))
+    missing = [k for k in own if k not in skip and k not in sd]
+    model.load_state_dict(sd, strict=False, assign=assign)
+    if missing:
+        log.info("model tensors not in the checkpoint (kept as they are, tied ones re-tied by the caller): %s",
+                 missing[:8])
+    log.info("apply_hyperlinear: %d linear layers replaced, %d other tensors loaded", len(replaced), len(sd))
+    return replaced
+
+
+def _model_builder(config, model_class) -> Callable:
+    import transformers
+
+    if model_class is not None:
+        return model_class
+    for arch in (getattr(config, "architectures", None) or []):
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    for name in FALLBACK_MODEL_CLASSES:
+        cls = getattr(transformers, name, None)
+        if cls is not None and getattr(cls, "config_class", None) is type(config):
+            return cls
+    return transformers.AutoModel.from_config
+
+
+def _materialize_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (position ids, rotary tables) are in no checkpoint:
+    give them real storage and let the model's own initializer compute them. The
+    parameters are still on the meta device here, so initializing them costs nothing."""
+    named = list(model.named_non_persistent_buffers()) if hasattr(model, "named_non_persistent_buffers") else []
+    if not named:
+        return
+    for key, buf in named:
+        mod_name, _, bname = key.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        mod._buffers[bname] = torch.empty_like(buf, device=device)
+    for m in model.modules():  # built once on meta: clear the "done" marks so the buffers get computed
+        m.__dict__.pop("_is_hf_initialized", None)
+    if hasattr(model, "initialize_weights"):
+        model.initialize_weights()
+
+
+def load_model(path, device=None, backend: str = "auto", *, model_class=None, codec_backend: str = "auto"):
+    """Rebuild a transformers model from a compressed Hugging Face directory.
+
+    The model class comes from ``config.json`` (``architectures``), else SamModel /
+    SamHQModel / Sam2Model by config type, else ``AutoModel``; ``model_class``
+    overrides. Compressed linears become :class:`HyperLinear` (``backend``), every
+    other tensor is decoded and loaded, tied weights are re-tied. Returns the model
+    in eval mode on ``device`` (default CPU).
+    """
+    from transformers import AutoConfig
+
+    from .checkpoint import CompressedCheckpoint
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if not (path / "config.json").is_file():
+        raise MissingTensorError("compressed directory has no config.json (needed to build the model)",
+                                 file=str(path / "config.json"))
+    ckpt = CompressedCheckpoint.load(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    build = _model_builder(config, model_class)
+    with torch.device("meta"):
+        model = build(config)
+    _materialize_non_persistent_buffers(model, device)
+    apply_hyperlinear(model, ckpt, backend=backend, device=device, codec_backend=codec_backend)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise MissingTensorError(f"{len(left)} model tensors are in neither the checkpoint nor the model's "
+                                 f"initializer: {left[:8]}", file=str(path), tensor=left[0])
+    model.eval()
+    return model
