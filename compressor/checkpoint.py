@@ -78,10 +78,7 @@ def compress_tensors(
 
 def stored_tensor(entry: TensorEntry, kernels: Kernels | None = None) -> torch.Tensor:
     """What a shard holds for an entry: the packed index stream, or the raw tensor."""
-    if entry.raw:
-        return entry.tensor
-    kernels = kernels or _kernels("auto")
-    return torch.from_numpy(kernels.pack_bits(entry.theta, entry.bits))
+    return fmt.stored_tensor(entry, (kernels or _kernels("auto")).pack_bits)
 
 
 def write_entries_shard(directory, filename: str, entries: Mapping[str, TensorEntry],
@@ -89,13 +86,7 @@ def write_entries_shard(directory, filename: str, entries: Mapping[str, TensorEn
     """Write one shard; return its record and the manifest entries of its tensors."""
     stored = {n: stored_tensor(e, kernels) for n, e in entries.items()}
     record = fmt.write_shard(directory, filename, stored)
-    meta = {}
-    for n, e in entries.items():
-        m = e.meta()
-        m["shard"] = filename
-        m["sha256"] = fmt.tensor_sha256(stored[n])
-        meta[n] = m
-    return record, meta
+    return record, {n: fmt.manifest_entry(e, filename, stored[n]) for n, e in entries.items()}
 
 
 def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_meta: Mapping[str, dict],
@@ -147,10 +138,7 @@ class CompressedCheckpoint:
                 rec = fmt.write_shard(tmp, shard_name, {n: stored[n] for n in names})
                 records.append(rec)
                 for n in names:
-                    m = self.entries[n].meta()
-                    m["shard"] = shard_name
-                    m["sha256"] = fmt.tensor_sha256(stored[n])
-                    meta[n] = m
+                    meta[n] = fmt.manifest_entry(self.entries[n], shard_name, stored[n])
             meta = {n: meta[n] for n in self.entries}  # manifest in the source's tensor order
             extras = {}
             for name, content in self.extra_files.items():

@@ -383,11 +383,12 @@ def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int, prefix: str = "s
     return plan
 
 
-def stored_tensor(entry: CompressedTensor | RawTensor) -> torch.Tensor:
-    """The form an entry takes in a shard: packed uint8 indices, or the raw tensor."""
+def stored_tensor(entry: CompressedTensor | RawTensor, pack_bits=qp.pack_bits) -> torch.Tensor:
+    """The form an entry takes in a shard: packed uint8 indices, or the raw tensor.
+    ``pack_bits`` lets a caller use a faster backend's packer (same bytes)."""
     if entry.raw:
         return entry.tensor.detach().to("cpu").contiguous()
-    packed = qp.pack_bits(np.asarray(entry.theta), entry.bits)
+    packed = pack_bits(np.asarray(entry.theta), entry.bits)
     return torch.from_numpy(packed)
 
 
