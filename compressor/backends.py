@@ -41,6 +41,7 @@ class Kernels:
     decode_points: Callable
     pack_bits: Callable
     unpack_bits: Callable
+    error_sum: Callable
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ResolvedBackend:
 
 
 def _from_module(name: str, mod: ModuleType) -> Kernels:
-    return Kernels(name, mod.encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits)
+    return Kernels(name, mod.encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits, mod.error_sum)
 
 
 def _reference() -> Kernels:

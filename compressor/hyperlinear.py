@@ -18,7 +18,7 @@ per thread and dtype, as large as the largest layer seen, shared by every layer;
 CUDA: torch's caching allocator, freed after the matmul). The fused paths use none.
 
 Backends (per layer, :meth:`HyperLinear.set_backend`): ``reference`` (torch
-gather + ``F.linear``; any device), ``numba-cpu`` (parallel @njit decode + torch
+gather + ``F.linear``; any device), ``numba-cpu`` (@njit decode split over threads + torch
 matmul; measured faster than the fused @njit kernel at every token count, see
 ``docs/bench/hyperlinear.md``), ``numba-cuda`` (fused warp-per-row kernel up to
 ``CUDA_FUSED_MAX_TOKENS`` tokens, decode + tensor-core matmul above), ``auto``
@@ -32,6 +32,7 @@ import importlib
 import logging
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -146,6 +147,31 @@ def _cpu_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
             buf = torch.empty(need, dtype=dtype)
         bufs[dtype] = buf
     return buf[:need].view(rows, cols)
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+_MIN_PARALLEL_WEIGHTS = 1 << 16
+
+
+def _cpu_decode(k, theta: np.ndarray, lx: np.ndarray, ly: np.ndarray, out: np.ndarray) -> None:
+    """Split the rows over ``torch.get_num_threads()`` threads (the kernel releases
+    the GIL), the caller's thread taking one share."""
+    global _pool
+    n = torch.get_num_threads()
+    rows = theta.shape[0]
+    if n <= 1 or out.size < _MIN_PARALLEL_WEIGHTS or rows < 2 * n:
+        k.decode_rows(theta, lx, ly, out)
+        return
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n - 1:
+            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hyperlinear-decode")
+        pool = _pool
+    bounds = [rows * i // n for i in range(n + 1)]
+    futs = [pool.submit(k.decode_rows, theta[a:b], lx, ly, out[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    k.decode_rows(theta[: bounds[1]], lx, ly, out[: bounds[1]])
+    for f in futs:
+        f.result()
 
 
 def release_workspaces() -> None:
@@ -391,7 +417,7 @@ def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
         k = _cpu_kernels()
         w = torch.empty(m.out_features, m.in_features, dtype=dtype) if needs_grad else \
             _cpu_workspace(m.out_features, m.in_features, dtype)
-        k.decode_rows(m.theta.numpy(), lx.view(ivt).numpy(), ly.view(ivt).numpy(), w.view(ivt).numpy())
+        _cpu_decode(k, m.theta.numpy(), lx.view(ivt).numpy(), ly.view(ivt).numpy(), w.view(ivt).numpy())
         return F.linear(x, w, bias)
     k = _cuda_kernels()
     cuda = k.cuda

@@ -218,8 +218,10 @@ def nearest_lattice(qx, qy, U, box_size, cx, cy) -> np.ndarray:
     ``round(v*k)`` and three columns around the rounded in-row position cover both
     even when ``v*k`` rounds across an integer. A non-square ``U`` leaves the last
     column partial, so the nearest point can be rows away: every row is scanned
-    (O(k)). Distances use the canonical formula, so the result is the brute-force
-    argmin bit for bit (the tests check it against :func:`nearest_bruteforce`)."""
+    (O(k)). For query points inside the box (every scaled point is: it lies in the
+    disc of radius l/2) the result is the brute-force argmin bit for bit, since the
+    distances use the canonical formula (tests check it against
+    :func:`nearest_bruteforce`); the kernels' outward row scan is exact for any point."""
     if U <= _BRUTE_FORCE_MAX_U:
         return nearest_bruteforce(qx, qy, U, box_size, cx, cy)
     k = lattice_side(U)
@@ -292,6 +294,12 @@ def abs_error_sum(px, py, dx, dy, pad_cols) -> float:
     if pad_cols:
         ey = ey[real_y_mask(py.shape[0], pad_cols)]
     return float(ex.sum() + ey.sum())
+
+
+def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
+    """Sum of absolute errors of the points decoded from ``theta`` through a table."""
+    dx, dy = decode_points(theta, lut_x, lut_y)
+    return abs_error_sum(px, py, dx, dy, pad_cols)
 
 
 def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:

@@ -1,0 +1,369 @@
+"""Numba CPU kernels of the Hyper-Compression codec.
+
+Same functions and signatures as :mod:`compressor.quant_primitives` (the
+reference), so :mod:`compressor.backends` uses this module as a backend. Every
+result is bit-identical to the reference:
+
+* the lattice coordinates and the decode table come from the reference's own
+  NumPy builders (``decode_lut``), so the kernels only gather them;
+* the per-point float64 arithmetic (offsets, radius, scaling, squared distance,
+  absolute error) follows the reference's canonical operation order, without
+  ``fastmath`` (which would allow reassociation and FMA contraction);
+* ``encode_trial`` writes each point's absolute errors (x, and the real y's
+  compacted) and sums them with NumPy, the same way as the reference, so the
+  error sum is the reference's to the last bit, whatever the thread count.
+
+The nearest lattice point is found exactly for any ``U`` (square or not): see
+:func:`_nearest_one`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from compressor import quant_primitives as qp
+
+# Points per parallel work item: large enough to amortize scheduling, small
+# enough to balance 2..64 threads on tensors of a few hundred thousand points.
+_CHUNK = 4096
+_MAX_BITS = 32
+
+
+@njit("Tuple((float64, int64))(float64, float64, float64, int64, int64, int64, float64, float64[::1], float64, int64)",
+      cache=True)
+def _scan_row(x, ey2, fu, b, k, U, invk, tx, best_d, best_n):
+    """Best of row ``b`` against ``(best_d, best_n)``.
+
+    In one row the lattice x's are increasing, so the computed ``x - Tx`` is
+    monotone in the column and ``ex*ex + ey2`` has its minimum (and any tie) at
+    the two columns around the sign change; ``rint`` of the in-row position is
+    within one column of both, so columns ``a0-1..a0+1`` cover them.
+    """
+    amax = (U - 1 - b) // k
+    t = fu - b * invk
+    if not (t >= 0.0):  # also catches NaN
+        t = 0.0
+    if t > amax:
+        t = float(amax)
+    a0 = int(math.floor(t + 0.5))
+    lo = a0 - 1 if a0 > 0 else 0
+    hi = a0 + 1 if a0 < amax else amax
+    bn = best_n
+    for a in range(lo, hi + 1):
+        nn = a * k + b
+        ex = x - tx[nn]
+        d = ex * ex + ey2
+        if d < best_d or (d == best_d and nn < bn):
+            best_d = d
+            bn = nn
+    return best_d, bn
+
+
+@njit("int64(float64, float64, float64, float64, float64, float64, int64, int64, float64[::1], float64[::1])",
+      cache=True)
+def _nearest_one(x, y, ox, oy, kl, invk, k, U, tx, ty):
+    """Exact argmin over the lattice (ties to the smallest index).
+
+    Start at row ``b0 = rint(v*k)``; every row below it has ``Ty`` at least half
+    a row under ``y`` and every row above at least half a row over it, and the
+    computed ``Ty`` is monotone in the row, so ``(y - Ty)^2`` only grows moving
+    outward. ``d = ex^2 + ey^2 >= ey^2`` holds in floating point too, so once
+    ``ey^2 > best`` no further row in that direction can win or tie. Rows with
+    ``ey^2 == best`` are still scanned so that ties reach the smallest ``n``.
+    """
+    fv = (y - oy) * kl
+    if not (fv >= 0.0):
+        fv = 0.0
+    if fv > k - 1:
+        fv = float(k - 1)
+    b0 = int(math.floor(fv + 0.5))
+    fu = (x - ox) * kl
+    ey = y - ty[b0]
+    best_d, best_n = _scan_row(x, ey * ey, fu, b0, k, U, invk, tx, np.inf, 0)
+    b = b0 - 1
+    while b >= 0:
+        ey = y - ty[b]
+        ey2 = ey * ey
+        if ey2 > best_d:
+            break
+        best_d, best_n = _scan_row(x, ey2, fu, b, k, U, invk, tx, best_d, best_n)
+        b -= 1
+    b = b0 + 1
+    while b < k:
+        ey = y - ty[b]
+        ey2 = ey * ey
+        if ey2 > best_d:
+            break
+        best_d, best_n = _scan_row(x, ey2, fu, b, k, U, invk, tx, best_d, best_n)
+        b += 1
+    return best_n
+
+
+@njit("void(float64[::1], float64[::1], float64, float64, float64, int64, int64, "
+      "float64[::1], float64[::1], int64[::1])", parallel=True, cache=True)
+def _nearest_kernel(qx, qy, cx, cy, box_size, k, U, tx, ty, out):
+    half = box_size * 0.5
+    ox = cx - half
+    oy = cy - half
+    kl = k / box_size
+    invk = 1.0 / k
+    n = qx.shape[0]
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            out[i] = _nearest_one(qx[i], qy[i], ox, oy, kl, invk, k, U, tx, ty)
+
+
+@njit("void(float64[::1], float64[::1], float64, float64, float64, int64, int64, float64[::1], "
+      "float64[::1], float64[::1], float64[::1], int64, uint32[::1], float64[::1], float64[::1])",
+      parallel=True, cache=True)
+def _encode_kernel(px, py, cx, cy, half, k, U, rho, scale, lut_x, lut_y, pad_cols, theta, ax, ay):
+    """Classify, scale, nearest point, decode and absolute errors in one pass."""
+    n = px.shape[0]
+    K = rho.shape[0] - 1
+    ox = cx - half
+    oy = cy - half
+    kl = k / (half + half)
+    invk = 1.0 / k
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            x = px[i]
+            y = py[i]
+            dx = x - cx
+            dy = y - cy
+            j = 0
+            qx = x
+            qy = y
+            # K == 0 means "no classes": the reference treats every point as inner
+            if K > 0 and not (abs(dx) <= half and abs(dy) <= half):
+                r = math.sqrt(dx * dx + dy * dy)
+                j = 1
+                while j < K and not (r <= rho[j]):
+                    j += 1
+                s = scale[j]
+                qx = cx + dx * s
+                qy = cy + dy * s
+            t = _nearest_one(qx, qy, ox, oy, kl, invk, k, U, lut_x, lut_y) + U * j
+            theta[i] = t
+            ax[i] = abs(x - lut_x[t])
+            ey = abs(y - lut_y[t])
+            if pad_cols > 0:
+                if i % pad_cols != pad_cols - 1:
+                    ay[i - (i + 1) // pad_cols] = ey  # index in the y's with the padding removed
+            else:
+                ay[i] = ey
+
+
+@njit(["void(uint16[::1], float64[::1], float64[::1], float64[::1], float64[::1])",
+       "void(uint32[::1], float64[::1], float64[::1], float64[::1], float64[::1])",
+       "void(int64[::1], float64[::1], float64[::1], float64[::1], float64[::1])"],
+      parallel=True, cache=True)
+def _decode_kernel(theta, lut_x, lut_y, x, y):
+    for i in prange(theta.shape[0]):
+        t = theta[i]
+        x[i] = lut_x[t]
+        y[i] = lut_y[t]
+
+
+@njit(["void(uint16[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64, float64[::1], float64[::1])",
+       "void(uint32[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64, float64[::1], float64[::1])"],
+      parallel=True, cache=True)
+def _error_kernel(theta, lut_x, lut_y, px, py, pad_cols, ax, ay):
+    # same per-point errors, in the same arrays, as _encode_kernel: the NumPy sums agree
+    n = theta.shape[0]
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            t = theta[i]
+            ax[i] = abs(px[i] - lut_x[t])
+            ey = abs(py[i] - lut_y[t])
+            if pad_cols > 0:
+                if i % pad_cols != pad_cols - 1:
+                    ay[i - (i + 1) // pad_cols] = ey
+            else:
+                ay[i] = ey
+
+
+@njit(["void(uint16[::1], int64, uint8[::1])", "void(uint32[::1], int64, uint8[::1])"],
+      parallel=True, cache=True)
+def _pack_kernel(theta, bits, out):
+    # 8 values of `bits` bits fill exactly `bits` bytes, so groups of 8 are independent
+    n = theta.shape[0]
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    for g in prange((n + 7) // 8):
+        acc = np.uint64(0)
+        nacc = 0
+        pos = g * bits
+        for i in range(g * 8, min(n, g * 8 + 8)):
+            acc |= (np.uint64(theta[i]) & mask) << np.uint64(nacc)
+            nacc += bits
+            while nacc >= 8:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                nacc -= 8
+                pos += 1
+        if nacc > 0:
+            out[pos] = np.uint8(acc & np.uint64(0xFF))
+
+
+@njit("void(uint8[::1], int64, int64, uint32[::1])", parallel=True, cache=True)
+def _unpack_kernel(buf, n, bits, out):
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    for g in prange((n + 7) // 8):
+        acc = np.uint64(0)
+        nacc = 0
+        pos = g * bits
+        for i in range(g * 8, min(n, g * 8 + 8)):
+            while nacc < bits:  # reads only bytes that hold bits of values < n
+                acc |= np.uint64(buf[pos]) << np.uint64(nacc)
+                pos += 1
+                nacc += 8
+            out[i] = np.uint32(acc & mask)
+            acc >>= np.uint64(bits)
+            nacc -= bits
+
+
+# -- host wrappers (the backend API) --------------------------------------------
+
+def _f64(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _check_bits(bits) -> int:
+    bits = int(bits)
+    if not 1 <= bits <= _MAX_BITS:
+        raise ValueError(f"bits must be in 1..{_MAX_BITS}, got {bits}")
+    return bits
+
+
+def _check_U(U) -> int:
+    U = int(U)
+    if U < 1:
+        raise ValueError(f"U must be >= 1, got {U}")
+    return U
+
+
+def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
+    """Index of the nearest lattice point for every point (= ``nearest_bruteforce``)."""
+    U = _check_U(U)
+    qx = _f64(qx)
+    qy = _f64(qy)
+    if qx.shape != qy.shape or qx.ndim != 1:
+        raise ValueError(f"qx, qy must be 1-D of equal length, got {qx.shape} and {qy.shape}")
+    k = qp.lattice_side(U)
+    tx, ty = qp.lattice_points(U, float(box_size), float(cx), float(cy))
+    out = np.empty(qx.shape[0], dtype=np.int64)
+    _nearest_kernel(qx, qy, float(cx), float(cy), float(box_size), k, U, tx, np.ascontiguousarray(ty[:k]), out)
+    return out
+
+
+def trial_tables(U: int, box_size: float, cx: float, cy: float, rho: np.ndarray):
+    """Host-side tables shared by the CPU and CUDA kernels: lattice side ``k``,
+    ``scale[j] = half / rho[j]`` and the reference's decode table (whose first
+    ``U`` x's and first ``k`` y's are the lattice coordinates)."""
+    U = _check_U(U)
+    rho = _f64(rho)
+    if rho.ndim != 1 or rho.shape[0] < 1:
+        raise ValueError(f"rho must be a 1-D array of K+1 radii, got shape {rho.shape}")
+    K = rho.shape[0] - 1
+    if U * (K + 1) > 1 << 32:
+        raise ValueError(f"U*(K+1) = {U * (K + 1)} does not fit the uint32 index")
+    half = float(box_size) * 0.5
+    scale = np.ones(K + 1, dtype=np.float64)
+    scale[1:] = half / rho[1:]
+    lut_x, lut_y = qp.decode_lut(U, K, float(box_size), float(cx), float(cy), rho)
+    return qp.lattice_side(U), rho, scale, np.ascontiguousarray(lut_x), np.ascontiguousarray(lut_y)
+
+
+def n_real_y(n: int, pad_cols: int) -> int:
+    return n - (n // pad_cols if pad_cols > 0 else 0)
+
+
+def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:
+    """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors."""
+    px = _f64(px)
+    py = _f64(py)
+    if px.shape != py.shape or px.ndim != 1:
+        raise ValueError(f"px, py must be 1-D of equal length, got {px.shape} and {py.shape}")
+    pad_cols = int(pad_cols)
+    if pad_cols < 0:
+        raise ValueError(f"pad_cols must be >= 0, got {pad_cols}")
+    U = _check_U(U)
+    k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, cx, cy, rho)
+    n = px.shape[0]
+    theta = np.empty(n, dtype=np.uint32)
+    ax = np.empty(n, dtype=np.float64)
+    ay = np.empty(n_real_y(n, pad_cols), dtype=np.float64)
+    _encode_kernel(px, py, float(cx), float(cy), float(box_size) * 0.5, k, U, rho, scale,
+                   lut_x, lut_y, pad_cols, theta, ax, ay)
+    # NumPy's (pairwise) sums over the same arrays as the reference's abs_error_sum
+    return theta, float(ax.sum() + ay.sum())
+
+
+def decode_points(theta, lut_x, lut_y) -> tuple[np.ndarray, np.ndarray]:
+    """``(lut_x[theta], lut_y[theta])``; raises IndexError for an index past the table."""
+    theta = np.ascontiguousarray(theta)
+    if theta.dtype not in (np.uint16, np.uint32, np.int64):
+        theta = theta.astype(np.int64)
+    lut_x = _f64(lut_x)
+    lut_y = _f64(lut_y)
+    if lut_x.shape != lut_y.shape:
+        raise ValueError(f"decode tables differ in length: {lut_x.shape} vs {lut_y.shape}")
+    theta = theta.reshape(-1)
+    if theta.size:
+        lo, hi = int(theta.min()), int(theta.max())
+        if lo < 0 or hi >= lut_x.shape[0]:
+            raise IndexError(f"index {hi if hi >= lut_x.shape[0] else lo} outside a decode table of {lut_x.shape[0]}")
+    x = np.empty(theta.shape[0], dtype=np.float64)
+    y = np.empty(theta.shape[0], dtype=np.float64)
+    _decode_kernel(theta, lut_x, lut_y, x, y)
+    return x, y
+
+
+def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
+    """Sum of absolute errors of the points decoded from ``theta`` through the tables
+    (padded y's excluded); equal to ``quant_primitives.error_sum`` bit for bit."""
+    theta = np.ascontiguousarray(theta).reshape(-1)
+    if theta.dtype not in (np.uint16, np.uint32):
+        theta = theta.astype(np.uint32)
+    lut_x = _f64(lut_x)
+    lut_y = _f64(lut_y)
+    px = _f64(px)
+    py = _f64(py)
+    n = theta.shape[0]
+    if px.shape[0] != n or py.shape[0] != n:
+        raise ValueError(f"theta has {n} points but px/py have {px.shape[0]}/{py.shape[0]}")
+    if n and int(theta.max()) >= lut_x.shape[0]:
+        raise IndexError(f"index {int(theta.max())} outside a decode table of {lut_x.shape[0]}")
+    pad_cols = int(pad_cols)
+    ax = np.empty(n, dtype=np.float64)
+    ay = np.empty(n_real_y(n, pad_cols), dtype=np.float64)
+    _error_kernel(theta, lut_x, lut_y, px, py, pad_cols, ax, ay)
+    return float(ax.sum() + ay.sum())
+
+
+def pack_bits(theta, bits) -> np.ndarray:
+    """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
+    bits = _check_bits(bits)
+    theta = np.ascontiguousarray(theta).reshape(-1)
+    if theta.dtype not in (np.uint16, np.uint32):
+        theta = theta.astype(np.uint32)  # keeps the low 32 bits, as the reference does
+    out = np.empty(qp.packed_nbytes(theta.shape[0], bits), dtype=np.uint8)
+    _pack_kernel(theta, bits, out)
+    return out
+
+
+def unpack_bits(buf, n, bits) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``n`` values as uint32."""
+    bits = _check_bits(bits)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    need = qp.packed_nbytes(n, bits)
+    if buf.shape[0] < need:
+        raise ValueError(f"bit stream of {buf.shape[0]} bytes is shorter than {need} for {n} values of {bits} bits")
+    out = np.empty(n, dtype=np.uint32)
+    _unpack_kernel(buf, n, bits, out)
+    return out

@@ -1,0 +1,372 @@
+"""Numba-CUDA kernels of the Hyper-Compression codec.
+
+Same functions and signatures as :mod:`compressor.quant_primitives` (host NumPy
+arrays in and out), and the same results bit for bit as the reference and
+:mod:`numba_kernels.cpu`, so a checkpoint does not depend on the backend that
+wrote it:
+
+* the kernels compute in float64 with ``fastmath=False`` (IEEE division and
+  square root);
+* NVVM contracts ``a*b + c`` into an FMA by default (its ``-fma=1``): numba-cuda's
+  ``fastmath=False`` only omits ``fastmath``'s options and leaves that default,
+  and ``cuda.jit`` has no switch for it (numba-cuda 0.30, ``cudadrv/nvvm.py``
+  ``compile_ir``). So every product that feeds a sum goes through
+  ``libdevice.dmul_rn`` (PTX ``mul.rn.f64``), which is never fused;
+* lattice coordinates and the decode table are the reference's NumPy tables;
+* each point's absolute errors come back to the host and are summed there with
+  NumPy, as the reference does, so the error sum is the reference's too.
+
+Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in the simulator (tests),
+but :func:`is_available` says False so that ``auto`` never picks it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba.core import config as _numba_config
+
+from compressor import quant_primitives as qp
+
+from ._compat import import_cuda
+
+cuda = import_cuda()
+
+_SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+_MAX_BITS = 32
+_BLOCK = 256
+_MAX_BLOCKS = 8192  # grid-stride loops cover the rest
+_SIM_THREADS = 32  # the simulator runs one Python thread per CUDA thread
+
+
+def is_available() -> tuple[bool, str]:
+    """(usable, reason): True only with a real CUDA GPU."""
+    if _SIMULATOR:
+        return False, "CUDA simulator"
+    try:
+        if not cuda.is_available():
+            return False, "no CUDA driver or GPU"
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        return True, f"{name} (compute capability {dev.compute_capability})"
+    except Exception as exc:  # a broken driver must not break backend resolution
+        return False, f"CUDA error: {exc}"
+
+
+if _SIMULATOR:
+
+    @cuda.jit(device=True)
+    def _mul(a, b):
+        return a * b  # the simulator evaluates in NumPy float64, which never fuses
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _mul(a, b):
+        return libdevice.dmul_rn(a, b)
+
+
+@cuda.jit(device=True)
+def _scan_row(x, ey2, fu, b, k, U, invk, tx, best_d, best_n):
+    """See ``numba_kernels.cpu._scan_row``: columns ``rint(pos)-1..+1`` of row ``b``."""
+    amax = (U - 1 - b) // k
+    t = fu - b * invk
+    if not (t >= 0.0):
+        t = 0.0
+    if t > amax:
+        t = float(amax)
+    a0 = int(math.floor(t + 0.5))
+    lo = a0 - 1 if a0 > 0 else 0
+    hi = a0 + 1 if a0 < amax else amax
+    for a in range(lo, hi + 1):
+        nn = a * k + b
+        ex = x - tx[nn]
+        d = _mul(ex, ex) + ey2
+        if d < best_d or (d == best_d and nn < best_n):
+            best_d = d
+            best_n = nn
+    return best_d, best_n
+
+
+@cuda.jit(device=True)
+def _nearest_one(x, y, ox, oy, kl, invk, k, U, tx, ty):
+    """See ``numba_kernels.cpu._nearest_one`` (exact argmin, ties to the smallest n)."""
+    fv = (y - oy) * kl
+    if not (fv >= 0.0):
+        fv = 0.0
+    if fv > k - 1:
+        fv = float(k - 1)
+    b0 = int(math.floor(fv + 0.5))
+    fu = (x - ox) * kl
+    ey = y - ty[b0]
+    best_d, best_n = _scan_row(x, _mul(ey, ey), fu, b0, k, U, invk, tx, math.inf, 0)
+    b = b0 - 1
+    while b >= 0:
+        ey = y - ty[b]
+        ey2 = _mul(ey, ey)
+        if ey2 > best_d:
+            break
+        best_d, best_n = _scan_row(x, ey2, fu, b, k, U, invk, tx, best_d, best_n)
+        b -= 1
+    b = b0 + 1
+    while b < k:
+        ey = y - ty[b]
+        ey2 = _mul(ey, ey)
+        if ey2 > best_d:
+            break
+        best_d, best_n = _scan_row(x, ey2, fu, b, k, U, invk, tx, best_d, best_n)
+        b += 1
+    return best_n
+
+
+@cuda.jit(fastmath=False, cache=True)
+def _nearest_kernel(qx, qy, cx, cy, box_size, k, U, tx, ty, out):
+    half = box_size * 0.5
+    ox = cx - half
+    oy = cy - half
+    kl = k / box_size
+    invk = 1.0 / k
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < qx.shape[0]:
+        out[i] = _nearest_one(qx[i], qy[i], ox, oy, kl, invk, k, U, tx, ty)
+        i += stride
+
+
+@cuda.jit(fastmath=False, cache=True)
+def _encode_kernel(px, py, cx, cy, half, k, U, rho, scale, lut_x, lut_y, pad_cols, theta, ax, ay):
+    n = px.shape[0]
+    K = rho.shape[0] - 1
+    ox = cx - half
+    oy = cy - half
+    kl = k / (half + half)
+    invk = 1.0 / k
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < n:
+        x = px[i]
+        y = py[i]
+        dx = x - cx
+        dy = y - cy
+        j = 0
+        qx = x
+        qy = y
+        if K > 0 and not (abs(dx) <= half and abs(dy) <= half):
+            r = math.sqrt(_mul(dx, dx) + _mul(dy, dy))
+            j = 1
+            while j < K and not (r <= rho[j]):
+                j += 1
+            s = scale[j]
+            qx = cx + _mul(dx, s)
+            qy = cy + _mul(dy, s)
+        t = _nearest_one(qx, qy, ox, oy, kl, invk, k, U, lut_x, lut_y) + U * j
+        theta[i] = t
+        ax[i] = abs(x - lut_x[t])
+        ey = abs(y - lut_y[t])
+        if pad_cols > 0:
+            if i % pad_cols != pad_cols - 1:
+                ay[i - (i + 1) // pad_cols] = ey
+        else:
+            ay[i] = ey
+        i += stride
+
+
+@cuda.jit(fastmath=False, cache=True)
+def _decode_kernel(theta, lut_x, lut_y, x, y):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < theta.shape[0]:
+        t = theta[i]
+        x[i] = lut_x[t]
+        y[i] = lut_y[t]
+        i += stride
+
+
+@cuda.jit(cache=True)
+def _pack_kernel(theta, bits, out):
+    n = theta.shape[0]
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    g = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while g < (n + 7) // 8:
+        acc = np.uint64(0)
+        nacc = 0
+        pos = g * bits
+        for i in range(g * 8, min(n, g * 8 + 8)):
+            acc |= (np.uint64(theta[i]) & mask) << np.uint64(nacc)
+            nacc += bits
+            while nacc >= 8:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                nacc -= 8
+                pos += 1
+        if nacc > 0:
+            out[pos] = np.uint8(acc & np.uint64(0xFF))
+        g += stride
+
+
+@cuda.jit(cache=True)
+def _unpack_kernel(buf, n, bits, out):
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    g = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while g < (n + 7) // 8:
+        acc = np.uint64(0)
+        nacc = 0
+        pos = g * bits
+        for i in range(g * 8, min(n, g * 8 + 8)):
+            while nacc < bits:
+                acc |= np.uint64(buf[pos]) << np.uint64(nacc)
+                pos += 1
+                nacc += 8
+            out[i] = np.uint32(acc & mask)
+            acc >>= np.uint64(bits)
+            nacc -= bits
+        g += stride
+
+
+# -- host wrappers (the backend API) --------------------------------------------
+
+def _launch(n_items: int) -> tuple[int, int]:
+    if _SIMULATOR:
+        return 1, _SIM_THREADS
+    return max(1, min(_MAX_BLOCKS, (n_items + _BLOCK - 1) // _BLOCK)), _BLOCK
+
+
+def _f64(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _check_bits(bits) -> int:
+    bits = int(bits)
+    if not 1 <= bits <= _MAX_BITS:
+        raise ValueError(f"bits must be in 1..{_MAX_BITS}, got {bits}")
+    return bits
+
+
+def _check_U(U) -> int:
+    U = int(U)
+    if U < 1:
+        raise ValueError(f"U must be >= 1, got {U}")
+    return U
+
+
+def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
+    """Index of the nearest lattice point for every point (= ``nearest_bruteforce``)."""
+    U = _check_U(U)
+    qx = _f64(qx)
+    qy = _f64(qy)
+    if qx.shape != qy.shape or qx.ndim != 1:
+        raise ValueError(f"qx, qy must be 1-D of equal length, got {qx.shape} and {qy.shape}")
+    k = qp.lattice_side(U)
+    tx, ty = qp.lattice_points(U, float(box_size), float(cx), float(cy))
+    n = qx.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    d_out = cuda.device_array(n, dtype=np.int64)
+    grid, block = _launch(n)
+    _nearest_kernel[grid, block](cuda.to_device(qx), cuda.to_device(qy), float(cx), float(cy), float(box_size),
+                                 k, U, cuda.to_device(tx), cuda.to_device(np.ascontiguousarray(ty[:k])), d_out)
+    return d_out.copy_to_host()
+
+
+def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:
+    """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors."""
+    px = _f64(px)
+    py = _f64(py)
+    if px.shape != py.shape or px.ndim != 1:
+        raise ValueError(f"px, py must be 1-D of equal length, got {px.shape} and {py.shape}")
+    pad_cols = int(pad_cols)
+    if pad_cols < 0:
+        raise ValueError(f"pad_cols must be >= 0, got {pad_cols}")
+    U = _check_U(U)
+    rho = _f64(rho)
+    if rho.ndim != 1 or rho.shape[0] < 1:
+        raise ValueError(f"rho must be a 1-D array of K+1 radii, got shape {rho.shape}")
+    K = rho.shape[0] - 1
+    if U * (K + 1) > 1 << 32:
+        raise ValueError(f"U*(K+1) = {U * (K + 1)} does not fit the uint32 index")
+    half = float(box_size) * 0.5
+    scale = np.ones(K + 1, dtype=np.float64)
+    scale[1:] = half / rho[1:]
+    lut_x, lut_y = qp.decode_lut(U, K, float(box_size), float(cx), float(cy), rho)
+    n = px.shape[0]
+    n_y = n - (n // pad_cols if pad_cols > 0 else 0)
+    if n == 0:
+        return np.empty(0, dtype=np.uint32), 0.0
+    d_theta = cuda.device_array(n, dtype=np.uint32)
+    d_ax = cuda.device_array(n, dtype=np.float64)
+    d_ay = cuda.device_array(max(n_y, 1), dtype=np.float64)
+    grid, block = _launch(n)
+    _encode_kernel[grid, block](
+        cuda.to_device(px), cuda.to_device(py), float(cx), float(cy), half, qp.lattice_side(U), U,
+        cuda.to_device(rho), cuda.to_device(scale), cuda.to_device(np.ascontiguousarray(lut_x)),
+        cuda.to_device(np.ascontiguousarray(lut_y)), pad_cols, d_theta, d_ax, d_ay,
+    )
+    ax = d_ax.copy_to_host()
+    ay = d_ay.copy_to_host()[:n_y]
+    # NumPy's (pairwise) sums over the same arrays as the reference's abs_error_sum
+    return d_theta.copy_to_host(), float(ax.sum() + ay.sum())
+
+
+def decode_points(theta, lut_x, lut_y) -> tuple[np.ndarray, np.ndarray]:
+    """``(lut_x[theta], lut_y[theta])``; raises IndexError for an index past the table."""
+    theta = np.ascontiguousarray(theta).reshape(-1)
+    if theta.dtype not in (np.uint16, np.uint32, np.int64):
+        theta = theta.astype(np.int64)
+    lut_x = _f64(lut_x)
+    lut_y = _f64(lut_y)
+    if lut_x.shape != lut_y.shape:
+        raise ValueError(f"decode tables differ in length: {lut_x.shape} vs {lut_y.shape}")
+    n = theta.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.float64), np.empty(0, dtype=np.float64)
+    lo, hi = int(theta.min()), int(theta.max())
+    if lo < 0 or hi >= lut_x.shape[0]:
+        raise IndexError(f"index {hi if hi >= lut_x.shape[0] else lo} outside a decode table of {lut_x.shape[0]}")
+    d_x = cuda.device_array(n, dtype=np.float64)
+    d_y = cuda.device_array(n, dtype=np.float64)
+    grid, block = _launch(n)
+    _decode_kernel[grid, block](cuda.to_device(theta), cuda.to_device(lut_x), cuda.to_device(lut_y), d_x, d_y)
+    return d_x.copy_to_host(), d_y.copy_to_host()
+
+
+def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
+    """Decode on the GPU, then the reference's host-side sums (bit-identical to it)."""
+    dx, dy = decode_points(theta, lut_x, lut_y)
+    return qp.abs_error_sum(np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64), dx, dy, int(pad_cols))
+
+
+def pack_bits(theta, bits) -> np.ndarray:
+    """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
+    bits = _check_bits(bits)
+    theta = np.ascontiguousarray(theta).reshape(-1)
+    if theta.dtype not in (np.uint16, np.uint32):
+        theta = theta.astype(np.uint32)
+    nbytes = qp.packed_nbytes(theta.shape[0], bits)
+    if nbytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    d_out = cuda.device_array(nbytes, dtype=np.uint8)
+    grid, block = _launch((theta.shape[0] + 7) // 8)
+    _pack_kernel[grid, block](cuda.to_device(theta), bits, d_out)
+    return d_out.copy_to_host()
+
+
+def unpack_bits(buf, n, bits) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``n`` values as uint32."""
+    bits = _check_bits(bits)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    need = qp.packed_nbytes(n, bits)
+    if buf.shape[0] < need:
+        raise ValueError(f"bit stream of {buf.shape[0]} bytes is shorter than {need} for {n} values of {bits} bits")
+    if n == 0:
+        return np.empty(0, dtype=np.uint32)
+    d_out = cuda.device_array(n, dtype=np.uint32)
+    grid, block = _launch((n + 7) // 8)
+    _unpack_kernel[grid, block](cuda.to_device(buf[:need]), n, bits, d_out)
+    return d_out.copy_to_host()
