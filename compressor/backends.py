@@ -42,6 +42,7 @@ class Kernels:
     pack_bits: Callable
     unpack_bits: Callable
     error_sum: Callable
+    radius_and_inner: Callable
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,14 @@ class ResolvedBackend:
 
 
 def _from_module(name: str, mod: ModuleType) -> Kernels:
-    return Kernels(name, mod.encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits, mod.error_sum)
+    return Kernels(name, mod.encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits, mod.error_sum,
+                   getattr(mod, "radius_and_inner", None) or _reference_radius())
+
+
+def _reference_radius():
+    from .quant_primitives import radius_and_inner
+
+    return radius_and_inner
 
 
 def _reference() -> Kernels:

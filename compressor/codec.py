@@ -199,7 +199,7 @@ def compress_tensor(
     layout = qp.choose_layout(shape)
     pts = qp.tensor_points(w64, layout)
     box = float(settings.box_size)
-    geo = qp.point_geometry(pts.px, pts.py, box)
+    geo = qp.point_geometry(pts.px, pts.py, box, kernels.radius_and_inner)
     k_range = [0] if geo.all_inner else list(range(1, settings.max_classes + 1))
     numel = pts.numel
 

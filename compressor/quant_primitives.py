@@ -133,10 +133,23 @@ class TensorGeometry:
     all_inner: bool
 
 
-def point_geometry(px: np.ndarray, py: np.ndarray, box_size: float) -> TensorGeometry:
-    """Centroid, largest radius, and whether every point is inside the box."""
+def radius_and_inner(px, py, cx, cy, box_size) -> tuple[float, bool]:
+    dx = px - cx
+    dy = py - cy
+    half = box_size * 0.5
+    R = float(np.sqrt(dx * dx + dy * dy).max())
+    return R, bool(np.all((np.abs(dx) <= half) & (np.abs(dy) <= half)))
+
+
+def point_geometry(px: np.ndarray, py: np.ndarray, box_size: float, radius_and_inner_fn=None) -> TensorGeometry:
+    """Centroid, largest radius, and whether every point is inside the box. The
+    centroid is always NumPy's (pairwise) mean, so every backend gets the same bits;
+    a backend may supply the order-independent radius/inner pass."""
     cx = float(px.mean())
     cy = float(py.mean())
+    if radius_and_inner_fn is not None:
+        R, all_inner = radius_and_inner_fn(px, py, cx, cy, box_size)
+        return TensorGeometry(cx, cy, R, all_inner)
     dx = px - cx
     dy = py - cy
     R = float(np.sqrt(dx * dx + dy * dy).max())

@@ -321,6 +321,38 @@ def decode_points(theta, lut_x, lut_y) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@njit("void(float64[::1], float64[::1], float64, float64, float64, float64[::1], boolean[::1])",
+      parallel=True, cache=True)
+def _geometry_kernel(px, py, cx, cy, half, rmax, outside):
+    n = px.shape[0]
+    nchunks = rmax.shape[0]
+    for c in prange(nchunks):
+        m = 0.0
+        out = False
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            dx = px[i] - cx
+            dy = py[i] - cy
+            r = math.sqrt(dx * dx + dy * dy)
+            if r > m:
+                m = r
+            if not (abs(dx) <= half and abs(dy) <= half):
+                out = True
+        rmax[c] = m
+        outside[c] = out
+
+
+def radius_and_inner(px, py, cx, cy, box_size) -> tuple[float, bool]:
+    """``(R, all_inner)`` as :func:`quant_primitives.point_geometry` computes them
+    (a maximum and a logical and do not depend on order, so the values are exact)."""
+    px = _f64(px)
+    py = _f64(py)
+    nchunks = max(1, (px.shape[0] + _CHUNK - 1) // _CHUNK)
+    rmax = np.zeros(nchunks, dtype=np.float64)
+    outside = np.zeros(nchunks, dtype=np.bool_)
+    _geometry_kernel(px, py, float(cx), float(cy), float(box_size) * 0.5, rmax, outside)
+    return float(rmax.max()), not bool(outside.any())
+
+
 def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
     """Sum of absolute errors of the points decoded from ``theta`` through the tables
     (padded y's excluded); equal to ``quant_primitives.error_sum`` bit for bit."""

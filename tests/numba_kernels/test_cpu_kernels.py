@@ -200,3 +200,14 @@ def test_error_sum_matches_reference(pad_cols):
     for t in (theta, theta.astype(np.uint16)):
         assert cpu.error_sum(t, lx, ly, px, py, pad_cols) == err
         assert cpu.error_sum(t, lx32, ly32, px, py, pad_cols) == qp.error_sum(theta, lx32, ly32, px, py, pad_cols)
+
+
+@pytest.mark.parametrize("scale", [0.001, 0.02, 1.0])
+def test_radius_and_inner_matches_reference(scale):
+    from compressor import quant_primitives as qp
+    from numba_kernels import cpu
+
+    rng = np.random.default_rng(7)
+    px, py = rng.normal(0, scale, 50001), rng.normal(0, scale, 50001)
+    cx, cy = float(px.mean()), float(py.mean())
+    assert cpu.radius_and_inner(px, py, cx, cy, 0.1) == qp.radius_and_inner(px, py, cx, cy, 0.1)
