@@ -8,5 +8,7 @@ from .backends import Backend, resolve_backend
 from .codec import CODEC_VERSION, CompressedTensor, RawTensor, compress_tensor
 from .config import HyperCompressionConfig, TensorOverride
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the API)
+from .hyperlinear import HyperLinear, HyperLinearError
+from .modeling import apply_hyperlinear, load_model
 
 __version__ = "0.1.0"

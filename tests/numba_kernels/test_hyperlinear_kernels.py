@@ -1,0 +1,50 @@
+"""Numba CPU HyperLinear kernels against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from numba_kernels import hyperlinear_cpu as k
+
+
+def _case(rows, n_in, n_codes, tdtype, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = (n_in + 1) // 2
+    theta = rng.integers(0, n_codes, size=(rows, pairs)).astype(tdtype)
+    theta[0, 0] = n_codes - 1
+    lx = rng.standard_normal(n_codes)
+    ly = rng.standard_normal(n_codes)
+    return theta, lx, ly
+
+
+def _numpy_decode(theta, lx, ly, n_in):
+    w = np.empty((theta.shape[0], 2 * theta.shape[1]), dtype=lx.dtype)
+    w[:, 0::2] = lx[theta.astype(np.int64)]
+    w[:, 1::2] = ly[theta.astype(np.int64)]
+    return w[:, :n_in]
+
+
+@pytest.mark.parametrize("n_in", [1, 7, 8, 33])
+@pytest.mark.parametrize("tdtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("fdtype,idtype", [(np.float32, np.int32), (np.float16, np.int16), (np.float64, np.int64)])
+def test_decode_rows_copies_bit_patterns(n_in, tdtype, fdtype, idtype):
+    n_codes = 70000 if tdtype == np.int32 else 6400
+    theta, lx, ly = _case(5, n_in, n_codes, tdtype)
+    lx, ly = lx.astype(fdtype), ly.astype(fdtype)
+    out = np.full((5, n_in), np.nan, dtype=fdtype)
+    k.decode_rows(theta, lx.view(idtype), ly.view(idtype), out.view(idtype))
+    expected = _numpy_decode(theta, lx, ly, n_in)
+    assert np.array_equal(out.view(idtype), expected.view(idtype) if expected.flags.c_contiguous
+                          else np.ascontiguousarray(expected).view(idtype))
+
+
+@pytest.mark.parametrize("n_tok,n_in", [(1, 7), (3, 8), (16, 65)])
+def test_fused_linear_matches_numpy(n_tok, n_in):
+    theta, lx, ly = _case(9, n_in, 6400, np.uint16, seed=n_tok)
+    lx, ly = lx.astype(np.float32), ly.astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((n_tok, n_in)).astype(np.float32)
+    out = np.zeros((n_tok, 9), np.float32)
+    k.fused_linear(x, theta, lx, ly, out)
+    ref = x.astype(np.float64) @ _numpy_decode(theta, lx, ly, n_in).astype(np.float64).T
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
