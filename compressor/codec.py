@@ -198,6 +198,9 @@ def compress_tensor(
     shape = tuple(tensor.shape)
     layout = qp.choose_layout(shape)
     pts = qp.tensor_points(w64, layout)
+    # read-only: kernels may keep them (e.g. on the GPU) across this tensor's trials
+    pts.px.flags.writeable = False
+    pts.py.flags.writeable = False
     box = float(settings.box_size)
     geo = qp.point_geometry(pts.px, pts.py, box, kernels.radius_and_inner)
     k_range = [0] if geo.all_inner else list(range(1, settings.max_classes + 1))

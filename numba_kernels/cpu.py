@@ -26,10 +26,11 @@ from numba import njit, prange
 
 from compressor import quant_primitives as qp
 
+from .host import MAX_BITS as _MAX_BITS, check_U as _check_U, check_bits as _check_bits, check_points, f64 as _f64, n_real_y, trial_tables
+
 # Points per parallel work item: large enough to amortize scheduling, small
 # enough to balance 2..64 threads on tensors of a few hundred thousand points.
 _CHUNK = 4096
-_MAX_BITS = 32
 
 
 @njit("Tuple((float64, int64))(float64, float64, float64, int64, int64, int64, float64, float64[::1], float64, int64)",
@@ -226,24 +227,6 @@ def _unpack_kernel(buf, n, bits, out):
 
 # -- host wrappers (the backend API) --------------------------------------------
 
-def _f64(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float64)
-
-
-def _check_bits(bits) -> int:
-    bits = int(bits)
-    if not 1 <= bits <= _MAX_BITS:
-        raise ValueError(f"bits must be in 1..{_MAX_BITS}, got {bits}")
-    return bits
-
-
-def _check_U(U) -> int:
-    U = int(U)
-    if U < 1:
-        raise ValueError(f"U must be >= 1, got {U}")
-    return U
-
-
 def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
     """Index of the nearest lattice point for every point (= ``nearest_bruteforce``)."""
     U = _check_U(U)
@@ -258,37 +241,9 @@ def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
     return out
 
 
-def trial_tables(U: int, box_size: float, cx: float, cy: float, rho: np.ndarray):
-    """Host-side tables shared by the CPU and CUDA kernels: lattice side ``k``,
-    ``scale[j] = half / rho[j]`` and the reference's decode table (whose first
-    ``U`` x's and first ``k`` y's are the lattice coordinates)."""
-    U = _check_U(U)
-    rho = _f64(rho)
-    if rho.ndim != 1 or rho.shape[0] < 1:
-        raise ValueError(f"rho must be a 1-D array of K+1 radii, got shape {rho.shape}")
-    K = rho.shape[0] - 1
-    if U * (K + 1) > 1 << 32:
-        raise ValueError(f"U*(K+1) = {U * (K + 1)} does not fit the uint32 index")
-    half = float(box_size) * 0.5
-    scale = np.ones(K + 1, dtype=np.float64)
-    scale[1:] = half / rho[1:]
-    lut_x, lut_y = qp.decode_lut(U, K, float(box_size), float(cx), float(cy), rho)
-    return qp.lattice_side(U), rho, scale, np.ascontiguousarray(lut_x), np.ascontiguousarray(lut_y)
-
-
-def n_real_y(n: int, pad_cols: int) -> int:
-    return n - (n // pad_cols if pad_cols > 0 else 0)
-
-
 def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:
     """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors."""
-    px = _f64(px)
-    py = _f64(py)
-    if px.shape != py.shape or px.ndim != 1:
-        raise ValueError(f"px, py must be 1-D of equal length, got {px.shape} and {py.shape}")
-    pad_cols = int(pad_cols)
-    if pad_cols < 0:
-        raise ValueError(f"pad_cols must be >= 0, got {pad_cols}")
+    px, py, pad_cols = check_points(px, py, pad_cols)
     U = _check_U(U)
     k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, cx, cy, rho)
     n = px.shape[0]
