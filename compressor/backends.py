@@ -43,6 +43,9 @@ class Kernels:
     unpack_bits: Callable
     error_sum: Callable
     radius_and_inner: Callable
+    # moves a float64 point array to where encode_trial runs (identity on the CPU), so
+    # a tensor's points are transferred once for all its trials
+    to_device: Callable
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,12 @@ class ResolvedBackend:
 
 def _from_module(name: str, mod: ModuleType) -> Kernels:
     return Kernels(name, mod.encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits, mod.error_sum,
-                   getattr(mod, "radius_and_inner", None) or _reference_radius())
+                   getattr(mod, "radius_and_inner", None) or _reference_radius(),
+                   getattr(mod, "to_device", None) or _identity)
+
+
+def _identity(a):
+    return a
 
 
 def _reference_radius():

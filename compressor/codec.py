@@ -198,9 +198,8 @@ def compress_tensor(
     shape = tuple(tensor.shape)
     layout = qp.choose_layout(shape)
     pts = qp.tensor_points(w64, layout)
-    # read-only: kernels may keep them (e.g. on the GPU) across this tensor's trials
-    pts.px.flags.writeable = False
-    pts.py.flags.writeable = False
+    # one upload per tensor (identity on the CPU): every trial below reuses it
+    dpx, dpy = kernels.to_device(pts.px), kernels.to_device(pts.py)
     box = float(settings.box_size)
     geo = qp.point_geometry(pts.px, pts.py, box, kernels.radius_and_inner)
     k_range = [0] if geo.all_inner else list(range(1, settings.max_classes + 1))
@@ -210,7 +209,7 @@ def compress_tensor(
     for ui, U in enumerate(settings.points):
         for K in k_range:
             rho = qp.class_radii(geo.R, box, K)
-            theta, err = kernels.encode_trial(pts.px, pts.py, geo.cx, geo.cy, box, U, rho, pts.pad_cols)
+            theta, err = kernels.encode_trial(dpx, dpy, geo.cx, geo.cy, box, U, rho, pts.pad_cols)
             mae = err / numel
             if best is None or mae < best[0]:
                 best = (mae, U, K, theta)

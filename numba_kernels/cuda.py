@@ -23,7 +23,6 @@ but :func:`is_available` says False so that ``auto`` never picks it.
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 from numba.core import config as _numba_config
@@ -256,36 +255,35 @@ def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
     return d_out.copy_to_host()
 
 
-_points_cache: list = []  # [(weakref px, weakref py, d_px, d_py)]: the last tensor's points
+def to_device(a: np.ndarray):
+    """Upload a float64 point array once; :func:`encode_trial` accepts the result, so
+    the codec transfers a tensor's points once for all its (U, K) trials."""
+    return cuda.to_device(_f64(a))
 
 
-def _device_points(px: np.ndarray, py: np.ndarray):
-    """Upload a tensor's points once: Algorithm 1 runs up to len(points)*K_max trials
-    on the same arrays, and the transfer would otherwise repeat for each. Only
-    read-only arrays are cached (the codec marks its points so): a writable array
-    could change between calls under the same identity."""
-    if px.flags.writeable or py.flags.writeable:
-        return cuda.to_device(px), cuda.to_device(py)
-    if _points_cache:
-        rx, ry, d_px, d_py = _points_cache[0]
-        if rx() is px and ry() is py:
-            return d_px, d_py
-    d_px, d_py = cuda.to_device(px), cuda.to_device(py)
-    _points_cache[:] = [(weakref.ref(px), weakref.ref(py), d_px, d_py)]
-    return d_px, d_py
+def _points_on_device(px, py, pad_cols):
+    # device arrays (real or simulated) are not ndarrays and copy back to the host
+    if not isinstance(px, np.ndarray) and hasattr(px, "copy_to_host") and hasattr(py, "copy_to_host"):
+        if px.dtype != np.float64 or py.dtype != np.float64 or px.ndim != 1 or px.shape != py.shape:
+            raise ValueError(f"device px, py must be 1-D float64 of equal length, got {px.shape} and {py.shape}")
+        pad_cols = int(pad_cols)
+        if pad_cols < 0:
+            raise ValueError(f"pad_cols must be >= 0, got {pad_cols}")
+        return px, py, pad_cols
+    px, py, pad_cols = check_points(px, py, pad_cols)
+    return cuda.to_device(px), cuda.to_device(py), pad_cols
 
 
 def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:
     """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors."""
-    px, py, pad_cols = check_points(px, py, pad_cols)
+    d_px, d_py, pad_cols = _points_on_device(px, py, pad_cols)
     U = _check_U(U)
     k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, cx, cy, rho)
     half = float(box_size) * 0.5
-    n = px.shape[0]
+    n = d_px.shape[0]
     n_y = n_real_y(n, pad_cols)
     if n == 0:
         return np.empty(0, dtype=np.uint32), 0.0
-    d_px, d_py = _device_points(px, py)
     d_theta = cuda.device_array(n, dtype=np.uint32)
     d_ax = cuda.device_array(n, dtype=np.float64)
     d_ay = cuda.device_array(max(n_y, 1), dtype=np.float64)

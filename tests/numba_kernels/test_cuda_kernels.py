@@ -115,3 +115,16 @@ def test_bad_arguments():
         ck.unpack_bits(np.zeros(3, np.uint8), 4, 7)
     with pytest.raises(ValueError, match="equal length"):
         ck.encode_trial(np.zeros(3), np.zeros(4), 0.0, 0.0, cases.BOX, 1600, qp.class_radii(1.0, cases.BOX, 1), 0)
+
+
+def test_encode_trial_takes_points_uploaded_once():
+    """The codec uploads a tensor's points once (to_device) and passes them to every trial."""
+    rng = np.random.default_rng(11)
+    px, py = rng.normal(0, 0.03, 257), rng.normal(0, 0.03, 257)
+    geo = qp.point_geometry(px, py, 0.1)
+    rho = qp.class_radii(geo.R, 0.1, 2)
+    ref = qp.encode_trial(px, py, geo.cx, geo.cy, 0.1, 100, rho, 5)
+    dpx, dpy = ck.to_device(px), ck.to_device(py)
+    for _ in range(2):
+        theta, err = ck.encode_trial(dpx, dpy, geo.cx, geo.cy, 0.1, 100, rho, 5)
+        assert np.array_equal(theta, ref[0]) and err == ref[1]
