@@ -1,0 +1,413 @@
+"""Evaluation: one task per (model, dataset shard), then an exact aggregation.
+
+A task loads the original and the compressed model (through ``ModelLoader``s),
+and for each image of its shard computes the embedding once per model, runs
+every prompt type batched, and returns per-object IoUs (against the ground truth
+and between the two models), COCO results for mAP, a few overlay pictures and
+timings. ``aggregate`` sorts every value by (prompt, image, object) and takes
+``math.fsum`` means, so the metrics do not depend on how the images were split:
+``run_eval(..., executor="ray")`` equals ``executor="local"`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .datasets import Dataset, DatasetSpec, ImageEntry, decode_masks, load_dataset, load_image, select_images, shard
+from .errors import DatasetSpecError
+from .metrics import batch_iou, coco_mask_ap, exact_mean, load_coco, segm_results
+from .models import ModelLoader, SamPredictor, default_loader, is_compressed_dir, recorded_source
+from .prompts import ALL_PROMPTS, PromptBatch, PromptType, build_prompts, parse_prompts, xywh_to_xyxy
+
+log = logging.getLogger(__name__)
+
+EVAL_CONFIG_VERSION = 1
+DET_BOX = "det_box"  # fidelity of the detector-box masks (the mAP run's prompts)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation measures and how it is split.
+
+    - ``limit``/``seed``: a seeded subset of each dataset's images (all when ``None``);
+      the seed also draws the random prompt points.
+    - ``shards``: shards per (model, dataset); ``None`` = 1 locally, the cluster's CPU
+      count on Ray. The metrics never depend on it.
+    - ``torch_threads``: intra-op threads of a task (``None``: torch's default locally,
+      ``task_cpus`` on Ray).
+    - ``overlay_images``: how many images per dataset get overlay pictures.
+    """
+
+    version: int = EVAL_CONFIG_VERSION
+    prompts: tuple[PromptType, ...] = ALL_PROMPTS
+    limit: int | None = None
+    seed: int = 0
+    shards: int | None = None
+    max_prompts: int = 64
+    device: str = "cpu"
+    torch_threads: int | None = None
+    task_cpus: float = 1.0
+    overlay_images: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", parse_prompts(self.prompts))
+        if self.version != EVAL_CONFIG_VERSION:
+            raise DatasetSpecError(f"unknown eval config version {self.version}")
+        if self.limit is not None and self.limit < 1:
+            raise DatasetSpecError(f"limit must be at least 1, got {self.limit}")
+        if self.shards is not None and self.shards < 1:
+            raise DatasetSpecError(f"shards must be at least 1, got {self.shards}")
+        if self.max_prompts < 1:
+            raise DatasetSpecError(f"max_prompts must be at least 1, got {self.max_prompts}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["prompts"] = [p.value for p in self.prompts]
+        return d
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    """A compressed model, its original, and the datasets it is evaluated on."""
+
+    compressed: str
+    original: str
+    datasets: tuple[DatasetSpec, ...]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", Path(self.compressed).name or str(self.compressed))
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise DatasetSpecError(f"dataset names must be unique per model, got {names}")
+        if not self.datasets:
+            raise DatasetSpecError(f"model {self.name}: no dataset to evaluate on")
+
+
+def model_under_test(compressed: str, datasets: Sequence[DatasetSpec], original: str | None = None,
+                     name: str = "") -> ModelUnderTest:
+    """The original defaults to the source recorded in the compressed directory."""
+    if original is None:
+        original = recorded_source(compressed) if is_compressed_dir(compressed) else compressed
+    return ModelUnderTest(str(compressed), str(original), tuple(datasets), name)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    model: ModelUnderTest
+    dataset: DatasetSpec
+    shard_index: int
+    entries: tuple[ImageEntry, ...]
+    config: EvalConfig
+    overlay_ids: tuple[int, ...] = ()
+    load_original: ModelLoader = default_loader
+    load_compressed: ModelLoader = default_loader
+    with_map: bool = False
+
+
+@dataclass
+class ShardResult:
+    model: str
+    dataset: str
+    shard_index: int
+    # (prompt, image_id, ann_id, iou_original, iou_compressed, fidelity)
+    scores: list[tuple[str, int, int, float, float, float]] = field(default_factory=list)
+    # (image_id, row, fidelity) of detector-box prompts
+    det_fidelity: list[tuple[int, int, float]] = field(default_factory=list)
+    # ((image_id, row), COCO result) per model, for mask mAP
+    segm_original: list[tuple[tuple[int, int], dict]] = field(default_factory=list)
+    segm_compressed: list[tuple[tuple[int, int], dict]] = field(default_factory=list)
+    overlays: list[dict] = field(default_factory=list)
+    images: int = 0
+    seconds_original: float = 0.0
+    seconds_compressed: float = 0.0
+    worker_pid: int = 0
+
+
+# -- the task ------------------------------------------------------------------------
+_PREDICTORS: "OrderedDict[tuple, SamPredictor]" = OrderedDict()
+_CACHE_SIZE = 2  # the original and the compressed model of the task at hand
+
+
+def _predictor(path: str, loader: ModelLoader, cfg: EvalConfig) -> SamPredictor:
+    """Models stay loaded in a (Ray worker) process across the shards it runs."""
+    key = (path, getattr(loader, "__module__", ""), getattr(loader, "__qualname__", repr(loader)),
+           cfg.device, cfg.max_prompts)
+    if key in _PREDICTORS:
+        _PREDICTORS.move_to_end(key)
+        return _PREDICTORS[key]
+    model, processor = loader(path)
+    pred = SamPredictor(model, processor, device=cfg.device, max_prompts=cfg.max_prompts)
+    _PREDICTORS[key] = pred
+    while len(_PREDICTORS) > _CACHE_SIZE:
+        _PREDICTORS.popitem(last=False)
+    return pred
+
+
+def _run(pred: SamPredictor, image: np.ndarray, batches: dict[Any, PromptBatch]) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    state = pred.set_image(image)
+    out = {k: pred.predict(state, b) for k, b in batches.items() if len(b)}
+    return out, time.perf_counter() - t0
+
+
+def evaluate_shard(task: ShardTask) -> ShardResult:
+    """Run both models on one shard of one dataset."""
+    import torch
+
+    cfg = task.config
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    orig = _predictor(task.model.original, task.load_original, cfg)
+    comp = _predictor(task.model.compressed, task.load_compressed, cfg)
+    res = ShardResult(task.model.name, task.dataset.name, task.shard_index, worker_pid=os.getpid())
+    for entry in task.entries:
+        image = load_image(entry)
+        objs = list(entry.eval_objects())
+        gt = decode_masks(entry, objs)
+        keep = gt.reshape(len(gt), -1).any(axis=1) if len(gt) else np.zeros(0, dtype=bool)
+        objs = [o for o, k in zip(objs, keep) if k]  # an empty mask has nothing to prompt
+        gt = gt[keep]
+        bboxes = np.array([o.bbox for o in objs], dtype=np.float64).reshape(-1, 4)
+        batches: dict[Any, PromptBatch] = dict(build_prompts(entry.image_id, bboxes, gt, cfg.prompts, cfg.seed))
+        map_key = None
+        if task.with_map:
+            if entry.detections:
+                map_key = DET_BOX
+                batches[DET_BOX] = PromptBatch(PromptType.BOX, boxes=xywh_to_xyxy([d.bbox for d in entry.detections]))
+            elif PromptType.BOX in batches:
+                map_key = PromptType.BOX
+            else:
+                map_key = "gt_box"
+                batches[map_key] = PromptBatch(PromptType.BOX, boxes=xywh_to_xyxy(bboxes))
+        out_o, t_o = _run(orig, image, batches)
+        out_c, t_c = _run(comp, image, batches)
+        res.seconds_original += t_o
+        res.seconds_compressed += t_c
+        res.images += 1
+        for kind in cfg.prompts:
+            if kind not in out_o:
+                continue
+            (m_o, _), (m_c, _) = out_o[kind], out_c[kind]
+            iou_o, iou_c, fid = batch_iou(m_o, gt), batch_iou(m_c, gt), batch_iou(m_c, m_o)
+            for j, o in enumerate(objs):
+                res.scores.append((kind.value, entry.image_id, o.ann_id, float(iou_o[j]), float(iou_c[j]),
+                                   float(fid[j])))
+        if map_key is not None and map_key in out_o:
+            if map_key == DET_BOX:
+                cats = [d.category_id for d in entry.detections]
+                det_scores = [d.score for d in entry.detections]
+                fid = batch_iou(out_c[DET_BOX][0], out_o[DET_BOX][0])
+                res.det_fidelity.extend((entry.image_id, j, float(f)) for j, f in enumerate(fid))
+            else:
+                cats = [o.category_id for o in objs]
+                det_scores = None
+            for store, out in ((res.segm_original, out_o), (res.segm_compressed, out_c)):
+                masks, iou_scores = out[map_key]
+                # A detector's box carries its confidence; a ground-truth box only the model's IoU estimate.
+                scores = det_scores if det_scores is not None else iou_scores
+                for j, r in enumerate(segm_results(entry.image_id, cats, masks, scores)):
+                    store.append(((entry.image_id, j), r))
+        if entry.image_id in task.overlay_ids and any(k in out_o for k in cfg.prompts):
+            from .reporting import overlay_panels
+
+            kind = PromptType.BOX if PromptType.BOX in out_o else next(k for k in cfg.prompts if k in out_o)
+            res.overlays.append({"dataset": task.dataset.name, "image_id": entry.image_id, "prompt": kind.value,
+                                 **overlay_panels(image, gt, out_o[kind][0], out_c[kind][0], batches[kind])})
+    return res
+
+
+# -- aggregation ----------------------------------------------------------------------
+@dataclass
+class EvalResults:
+    """Every metric of one model; ``metrics`` is flat and JSON-able."""
+
+    model: str
+    compressed: str
+    original: str
+    config: dict
+    datasets: list[dict]
+    metrics: dict[str, float]
+    counts: dict[str, int]
+    timings: dict[str, float]
+    overlays: list[dict] = field(default_factory=list, repr=False)
+
+    def to_json_dict(self) -> dict:
+        return {"model": self.model, "compressed": self.compressed, "original": self.original,
+                "config": self.config, "datasets": self.datasets, "metrics": self.metrics,
+                "counts": self.counts, "timings": self.timings}
+
+
+def _clean(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def aggregate(model: ModelUnderTest, cfg: EvalConfig, selected: dict[str, tuple[Dataset, tuple[ImageEntry, ...]]],
+              results: Sequence[ShardResult]) -> EvalResults:
+    metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    ds_info = []
+    order = {p.value: i for i, p in enumerate(ALL_PROMPTS)}
+    for ds_name, (ds, entries) in selected.items():
+        mine = [r for r in results if r.dataset == ds_name]
+        rows = sorted((s for r in mine for s in r.scores), key=lambda s: (order[s[0]], s[1], s[2]))
+        ds_info.append({**ds.spec.to_dict(), "images": len(entries),
+                        "objects": sum(len(e.eval_objects()) for e in entries)})
+        for kind in cfg.prompts:
+            sel = [s for s in rows if s[0] == kind.value]
+            key = f"{ds_name}/{kind.value}"
+            counts[key] = len(sel)
+            m_o, m_c = exact_mean(s[3] for s in sel), exact_mean(s[4] for s in sel)
+            metrics[f"miou_original/{key}"] = m_o
+            metrics[f"miou/{key}"] = m_c
+            metrics[f"fidelity_miou/{key}"] = exact_mean(s[5] for s in sel)
+            metrics[f"miou_drop/{key}"] = m_o - m_c
+        det = sorted(d for r in mine for d in r.det_fidelity)
+        if det:
+            metrics[f"fidelity_miou/{ds_name}/{DET_BOX}"] = exact_mean(d[2] for d in det)
+            counts[f"{ds_name}/{DET_BOX}"] = len(det)
+        if ds.has_map:
+            coco_gt = load_coco(ds.spec.annotations)
+            ids = [e.image_id for e in entries]
+            ap = {}
+            for which, attr in (("original", "segm_original"), ("compressed", "segm_compressed")):
+                dets = [d for _, d in sorted((x for r in mine for x in getattr(r, attr)), key=lambda x: x[0])]
+                ap[which] = coco_mask_ap(coco_gt, dets, ids)
+            metrics[f"map/{ds_name}"] = ap["compressed"]["map"]
+            metrics[f"mar/{ds_name}"] = ap["compressed"]["mar"]
+            metrics[f"map_original/{ds_name}"] = ap["original"]["map"]
+            metrics[f"mar_original/{ds_name}"] = ap["original"]["mar"]
+            metrics[f"map_drop/{ds_name}"] = ap["original"]["map"] - ap["compressed"]["map"]
+    images = sum(r.images for r in results)
+    t_o = sum(r.seconds_original for r in results)
+    t_c = sum(r.seconds_compressed for r in results)
+    timings = {"images": images, "seconds_original": t_o, "seconds_compressed": t_c,
+               "images_per_s_original": images / t_o if t_o else 0.0,
+               "images_per_s_compressed": images / t_c if t_c else 0.0}
+    overlays = sorted((o for r in results for o in r.overlays), key=lambda o: (o["dataset"], o["image_id"]))
+    return EvalResults(model.name, model.compressed, model.original, cfg.to_dict(), ds_info,
+                       {k: _clean(v) for k, v in sorted(metrics.items())}, dict(sorted(counts.items())),
+                       timings, overlays)
+
+
+# -- planning and execution ------------------------------------------------------------
+def plan(models: Sequence[ModelUnderTest], cfg: EvalConfig, shards_per_dataset: int, *,
+         load_original: ModelLoader = default_loader, load_compressed: ModelLoader = default_loader,
+         ) -> tuple[list[ShardTask], dict[str, dict[str, tuple[Dataset, tuple[ImageEntry, ...]]]]]:
+    """The tasks, and per model the selected images of each dataset."""
+    loaded: dict[DatasetSpec, Dataset] = {}
+    tasks: list[ShardTask] = []
+    selected: dict[str, dict] = {}
+    for m in models:
+        selected[m.name] = {}
+        for spec in m.datasets:
+            if spec not in loaded:
+                loaded[spec] = load_dataset(spec)
+            ds = loaded[spec]
+            entries = select_images(ds, cfg.limit, cfg.seed)
+            selected[m.name][spec.name] = (ds, entries)
+            overlay_ids = tuple(e.image_id for e in entries[:cfg.overlay_images])
+            for i, part in enumerate(shard(entries, shards_per_dataset)):
+                tasks.append(ShardTask(m, spec, i, part, cfg, overlay_ids, load_original, load_compressed,
+                                       with_map=ds.has_map))
+    return tasks, selected
+
+
+def _run_local(tasks: Sequence[ShardTask]) -> list[ShardResult]:
+    from tqdm.auto import tqdm
+
+    return [evaluate_shard(t) for t in tqdm(tasks, desc="eval shards", unit="shard", disable=len(tasks) < 2)]
+
+
+def _run_ray(tasks: Sequence[ShardTask]) -> list[ShardResult]:
+    import ray
+    from tqdm.auto import tqdm
+
+    remote = ray.remote(evaluate_shard)
+    refs = [remote.options(num_cpus=t.config.task_cpus, name=f"eval:{t.model.name}:{t.dataset.name}:{t.shard_index}")
+            .remote(_ray_task(t)) for t in tasks]
+    index = {r: i for i, r in enumerate(refs)}
+    out: list[ShardResult | None] = [None] * len(refs)
+    pending = list(refs)
+    with tqdm(total=len(refs), desc="eval shards (ray)", unit="shard") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                out[index[r]] = ray.get(r)
+                bar.update(1)
+    return out  # type: ignore[return-value]
+
+
+def _ray_task(t: ShardTask) -> ShardTask:
+    """A Ray task gets ``task_cpus`` cores: use that many torch threads unless told otherwise."""
+    if t.config.torch_threads:
+        return t
+    cfg = dataclasses.replace(t.config, torch_threads=max(1, int(t.config.task_cpus)))
+    return dataclasses.replace(t, config=cfg)
+
+
+def ray_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def run_eval(models: Sequence[ModelUnderTest], cfg: EvalConfig = EvalConfig(), *, executor: str = "local",
+             ray_address: str | None = None, load_original: ModelLoader = default_loader,
+             load_compressed: ModelLoader = default_loader) -> list[EvalResults]:
+    """Evaluate every model on its datasets; one ``EvalResults`` per model, in order.
+
+    ``executor="ray"`` fans out one Ray task per (model, dataset shard) on the cluster
+    at ``ray_address`` (a local one when ``None`` and none is running).
+    """
+    if executor not in ("local", "ray"):
+        raise DatasetSpecError(f"executor must be 'local' or 'ray', got {executor!r}")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise DatasetSpecError(f"model names must be unique, got {names}")
+    if executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            if ray_address:
+                ray.init(address=ray_address, logging_level=logging.WARNING)
+            else:
+                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        n_shards = cfg.shards or ray_cpus()
+    else:
+        n_shards = cfg.shards or 1
+    tasks, selected = plan(models, cfg, n_shards, load_original=load_original, load_compressed=load_compressed)
+    log.info("evaluating %d model(s) in %d task(s) (%s)", len(models), len(tasks), executor)
+    results = _run_ray(tasks) if executor == "ray" else _run_local(tasks)
+    return [aggregate(m, cfg, selected[m.name], [r for r in results if r.model == m.name]) for m in models]
+
+
+def evaluate_compressed(compressed_dir: str, datasets: Sequence[str | DatasetSpec], *, original: str | None = None,
+                        config: EvalConfig = EvalConfig(), executor: str = "ray", ray_address: str | None = None,
+                        parent_run_id: str | None = None, tracking_uri: str | None = None,
+                        name: str = "") -> tuple[EvalResults, str | None]:
+    """The workflow's entry point: evaluate one compressed model on the datasets its zoo entry
+    lists (``"FORMAT:ANNOTATIONS:IMAGES"`` strings or specs) and, when ``parent_run_id`` or
+    ``tracking_uri`` is given, log a nested MLflow run. Returns (results, run id or None)."""
+    from .datasets import unique_names
+
+    specs = unique_names([d if isinstance(d, DatasetSpec) else DatasetSpec.parse(d) for d in datasets])
+    model = model_under_test(compressed_dir, specs, original=original, name=name)
+    results = run_eval([model], config, executor=executor, ray_address=ray_address)[0]
+    run_id = None
+    if parent_run_id or tracking_uri:
+        from .reporting import log_eval_to_mlflow
+
+        run_id = log_eval_to_mlflow(results, parent_run_id, tracking_uri=tracking_uri)
+    return results, run_id
