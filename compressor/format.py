@@ -170,6 +170,12 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(directory: str, name: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
@@ -307,6 +313,8 @@ def write_shard(directory, filename: str, tensors: Mapping[str, torch.Tensor]) -
     tmp = _tmp_path(directory, filename)
     try:
         save_file(data, tmp, metadata={"format": FORMAT_NAME})
+        # safetensors creates files 0600; shards are shared data like the manifest
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         nbytes, digest = _hash_file(tmp)
