@@ -1,0 +1,303 @@
+"""Acceptance: the workflow on a real local Ray cluster (ray start + ray job
+submit), a real SeaweedFS S3 and a real MLflow server, including the faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflows.driver import fetch_checkpoint
+from workflows.errors import NotCommittedError
+from workflows.local_services import SeaweedFS
+from workflows.store import S3Store
+
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "birkhoff"
+
+pytestmark = pytest.mark.slow
+
+GOOD = ["all-minilm-l6-v2", "sam-tiny", "sam-hq-tiny", "sam-small"]
+
+
+def _objects(client, bucket, prefix=""):
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[o["Key"]] = (o["Size"], o["ETag"], o["LastModified"])
+    return out
+
+
+def _summary(path: Path) -> dict:
+    return json.loads(path.read_text())["models"]
+
+
+def _local_compress(src: Path, dst: Path, points: list[int]) -> dict:
+    """`birkhoff compress` as a user runs it (the CLI module, in a subprocess)."""
+    r = subprocess.run([sys.executable, "-m", "compressor.cli", "compress", str(src), str(dst), "--points",
+                        ",".join(map(str, points)), "--json"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((dst / "manifest.json").read_text())
+
+
+def _no_secret(text: str, creds: dict, where: str) -> None:
+    for name, value in creds.items():
+        assert value not in text, f"{name} leaked into {where}"
+
+
+@pytest.fixture(scope="module")
+def accept(tmp_path_factory, ray_head, seaweed, mlflow_server, s3_creds):
+    """One zoo run: the demo zoo plus a broken source, submitted with `ray job submit`."""
+    d = tmp_path_factory.mktemp("accept")
+    broken = d / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + os.urandom(64))
+    zoo = yaml.safe_load((ROOT / "infra" / "zoo" / "demo.yaml").read_text())
+    zoo["models"].insert(1, {"name": "broken", "source": str(broken), "config": {"points": [1600]}})
+    zoo_file = d / "zoo.yaml"
+    zoo_file.write_text(yaml.safe_dump(zoo))
+    args = ["--zoo", str(zoo_file), "--store", f"s3://{BUCKET}/zoo", "--s3-endpoint-url", seaweed.endpoint,
+            "--tracking-uri", mlflow_server.uri, "--experiment", "accept", "--log-level", "DEBUG",
+            "--git-commit", "0123abc"]
+    t0 = time.perf_counter()
+    first = ray_head.submit(args + ["--summary-json", str(d / "run1.json")], timeout=600)
+    first_s = time.perf_counter() - t0
+    before = _objects(seaweed.client(), BUCKET)
+    second = ray_head.submit(args + ["--summary-json", str(d / "run2.json"), "--only", *GOOD], timeout=600)
+    after = _objects(seaweed.client(), BUCKET)
+    return {"dir": d, "first": first, "second": second, "before": before, "after": after, "zoo": zoo,
+            "first_seconds": first_s}
+
+
+def test_demo_zoo_lands_in_s3_and_bad_source_fails_alone(accept):
+    first = accept["first"]
+    assert first.returncode != 0, "a failed model must fail the job"
+    models = _summary(accept["dir"] / "run1.json")
+    for name in GOOD:
+        assert models[name]["status"] == "compressed", (name, models[name], first.stdout[-3000:])
+        assert models[name]["checkpoint_uri"].startswith(f"s3://{BUCKET}/zoo/{name}/")
+    bad = models["broken"]
+    assert bad["status"] == "failed"
+    assert "SourceError" in bad["error"] and "broken.safetensors" in bad["error"]
+    keys = accept["before"]
+    for name in GOOD:
+        manifests = [k for k in keys if k.startswith(f"zoo/{name}/") and k.endswith("/manifest.json")]
+        assert len(manifests) == 1
+    assert not [k for k in keys if "/_work/" in k], "resume records must be gone after commit"
+    assert not [k for k in keys if k.startswith("zoo/broken/")]
+    # per-model and per-shard progress in the driver's log
+    out = first.stdout
+    assert "sam-small: shard 1/2 done" in out and "[1/5] all-minilm-l6-v2" in out
+
+
+def test_stored_checkpoint_decodes_like_local_compress(accept, seaweed, tmp_path, cache_dir):
+    from compressor.checkpoint import CompressedCheckpoint
+
+    models = _summary(accept["dir"] / "run1.json")
+    store = S3Store(f"s3://{BUCKET}", endpoint_url=seaweed.endpoint)
+    for name, points in (("sam-tiny", [1600]), ("sam-hq-tiny", [1600])):
+        prefix = models[name]["checkpoint_uri"][len(f"s3://{BUCKET}/"):]
+        got = fetch_checkpoint(store, prefix, tmp_path / name / "fetched")
+        src = next((cache_dir / "demo-models").glob(f"{name}-seed0-*"))
+        ref = _local_compress(src, tmp_path / name / "local", points)
+        mine = json.loads((got / "manifest.json").read_text())
+        assert {n: m["sha256"] for n, m in mine["tensors"].items()} == \
+            {n: m["sha256"] for n, m in ref["tensors"].items()}
+        assert mine["config"] == ref["config"] and mine["codec_version"] == ref["codec_version"]
+        a = CompressedCheckpoint.load(got).state_dict()
+        b = CompressedCheckpoint.load(tmp_path / name / "local").state_dict()
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        # compression ratio = source weight bytes / bytes of every stored file
+        stored = sum(v[0] for k, v in accept["before"].items() if k.startswith(prefix))
+        assert models[name]["metrics"]["compressed_bytes"] == stored
+        assert models[name]["metrics"]["ratio"] == pytest.approx(
+            models[name]["metrics"]["original_bytes"] / stored)
+
+
+def test_mlflow_has_parent_child_runs_metrics_and_artifacts(accept, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(mlflow_server.uri)
+    exp = c.get_experiment_by_name("accept")
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("birkhoff.kind") == "zoo"]
+    assert len(parents) == 2
+    first_parent = min(parents, key=lambda r: r.info.start_time)
+    assert first_parent.info.status == "FAILED"  # one model failed
+    children = {r.data.tags["mlflow.runName"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id}
+    assert set(children) == set(GOOD) | {"broken"}
+    for name in GOOD:
+        r = children[name]
+        assert r.info.status == "FINISHED"
+        for m in ("ratio", "compress_seconds", "mae", "params", "compressed_tensors", "raw_tensors"):
+            assert m in r.data.metrics, (name, m)
+        assert r.data.metrics["ratio"] > 2.5
+        p = r.data.params
+        assert p["git_commit"] == "0123abc" and p["codec_version"] == "1" and len(p["source_hash"]) == 64
+        assert p["config.box_size"] == "0.1" and p["checkpoint_uri"].startswith(f"s3://{BUCKET}/zoo/{name}/")
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"tensor_report.parquet", "tensor_mae_bits.png", "checkpoint_uri.txt"} <= arts
+    import pyarrow.parquet as pq
+
+    local = c.download_artifacts(children["sam-tiny"].info.run_id, "tensor_report.parquet", str(tmp_path))
+    table = pq.read_table(local)
+    assert table.num_rows == int(children["sam-tiny"].data.metrics["compressed_tensors"]
+                                 + children["sam-tiny"].data.metrics["raw_tensors"])
+    broken = children["broken"]
+    assert broken.info.status == "FAILED" and "SourceError" in broken.data.tags["birkhoff.error"]
+    # the rerun: every model skipped, logged as such
+    second_parent = max(parents, key=lambda r: r.info.start_time)
+    assert second_parent.info.status == "FINISHED"
+    skipped = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
+    assert sorted(r.data.tags["mlflow.runName"] for r in skipped) == sorted(GOOD)
+    assert all(r.data.tags["birkhoff.status"] == "skipped" for r in skipped)
+
+
+def test_rerun_writes_nothing_and_skips_everything(accept):
+    assert accept["second"].returncode == 0, accept["second"].stdout[-3000:]
+    models = _summary(accept["dir"] / "run2.json")
+    assert {n: m["status"] for n, m in models.items()} == {n: "skipped" for n in GOOD}
+    assert accept["after"] == accept["before"]  # same keys, sizes, ETags and times: zero writes
+
+
+def test_credentials_never_leak(accept, s3_creds, mlflow_server, ray_head):
+    from mlflow.tracking import MlflowClient
+
+    for key in ("first", "second"):
+        _no_secret(accept[key].stdout + accept[key].stderr, s3_creds, f"{key} job log")
+    # DEBUG really was on (botocore's request logging included), so the check means something
+    assert "DEBUG" in accept["first"].stdout
+    # botocore logged its signed requests, with the access key id masked in the SigV4 header
+    assert "Credential=***" in accept["first"].stdout
+    c = MlflowClient(mlflow_server.uri)
+    exp = c.get_experiment_by_name("accept")
+    for r in c.search_runs([exp.experiment_id], max_results=100):
+        _no_secret(json.dumps(r.data.params) + json.dumps(r.data.tags), s3_creds, "MLflow params/tags")
+    _no_secret(json.dumps(_summary(accept["dir"] / "run1.json")), s3_creds, "error messages")
+    # nor anywhere in the Ray session's own logs (drivers, workers, raylet, dashboard)
+    for p in ray_head.temp_dir.rglob("*"):
+        if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt") and p.stat().st_size < 50 * 2**20:
+            _no_secret(p.read_text(errors="replace"), s3_creds, str(p))
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+def _slow_zoo(d: Path, slow_model: Path, slow_config: dict) -> Path:
+    z = d / "slow.yaml"
+    z.write_text(yaml.safe_dump({"name": "slow", "models": [
+        {"name": "slow", "source": str(slow_model), "config": slow_config}]}))
+    return z
+
+
+def _prefix_of(summary: dict) -> str:
+    return summary["slow"]["checkpoint_uri"].split(f"s3://{BUCKET}/", 1)[1]
+
+
+def test_worker_killed_mid_shard_is_retried_and_result_identical(ray_head, seaweed, slow_model, slow_config,
+                                                                 slow_reference, tmp_path):
+    from ray.util.state import list_tasks
+
+    zoo = _slow_zoo(tmp_path, slow_model, slow_config)
+    proc = ray_head.submit(["--zoo", str(zoo), "--store", f"s3://{BUCKET}/kill", "--s3-endpoint-url",
+                            seaweed.endpoint, "--tracking-uri", f"sqlite:///{tmp_path / 'ml.db'}",
+                            "--workers", "2", "--max-shard-bytes", "9000000",
+                            "--summary-json", str(tmp_path / "s.json")], wait=False)
+    killed = None
+    deadline = time.monotonic() + 180
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            running = list_tasks(address=ray_head.dashboard, filters=[("state", "=", "RUNNING")], timeout=10)
+        except Exception:
+            running = []
+        for t in running:
+            if t.name.startswith("compress_shard[slow:") and t.worker_pid:
+                time.sleep(0.5)  # let it get into reading and compressing
+                still = list_tasks(address=ray_head.dashboard, timeout=10,
+                                   filters=[("task_id", "=", t.task_id), ("state", "=", "RUNNING")])
+                if not still:
+                    continue
+                os.kill(t.worker_pid, signal.SIGKILL)
+                killed = t
+                break
+        time.sleep(0.3)
+    out, _ = proc.communicate(timeout=300)
+    assert killed is not None, "no running shard task to kill:\n" + out[-3000:]
+    assert proc.returncode == 0, out[-4000:]
+    attempts = list_tasks(address=ray_head.dashboard, filters=[("task_id", "=", killed.task_id)], detail=True,
+                          timeout=10)
+    assert max(a.attempt_number for a in attempts) >= 1, "the killed shard was not retried"
+    summary = _summary(tmp_path / "s.json")
+    assert summary["slow"]["status"] == "compressed"
+    store = S3Store(f"s3://{BUCKET}", endpoint_url=seaweed.endpoint)
+    got = fetch_checkpoint(store, _prefix_of(summary), tmp_path / "fetched")
+    mine = json.loads((got / "manifest.json").read_text())
+    assert len(mine["shards"]) == 4
+    assert {n: m["sha256"] for n, m in mine["tensors"].items()} == slow_reference
+
+
+def test_store_outage_mid_upload_leaves_nothing_committed_and_rerun_completes(
+        ray_head, slow_model, slow_config, slow_reference, s3_creds, tmp_path):
+    sw = SeaweedFS(str(tmp_path / "sw"), s3_creds["AWS_ACCESS_KEY_ID"], s3_creds["AWS_SECRET_ACCESS_KEY"]).start()
+    try:
+        sw.create_bucket(BUCKET)
+        zoo = _slow_zoo(tmp_path, slow_model, slow_config)
+        args = ["--zoo", str(zoo), "--store", f"s3://{BUCKET}/outage", "--s3-endpoint-url", sw.endpoint,
+                "--tracking-uri", f"sqlite:///{tmp_path / 'ml.db'}", "--workers", "2",
+                "--max-shard-bytes", "9000000", "--task-retries", "1"]
+        proc = ray_head.submit(args + ["--summary-json", str(tmp_path / "s1.json")], wait=False)
+        c = sw.client()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if any(k.endswith(".safetensors") for k in _objects(c, BUCKET, "outage/")):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        sw.stop(kill=True)  # SeaweedFS dies while the other shards compress and upload
+        out1, _ = proc.communicate(timeout=300)
+        (tmp_path / "run1.log").write_text(out1)
+        assert proc.returncode != 0, out1[-3000:]
+        s1 = _summary(tmp_path / "s1.json")["slow"]
+        assert s1["status"] == "failed" and "shard" in s1["error"], s1
+
+        sw.start()
+        objs = _objects(sw.client(), BUCKET, "outage/")
+        assert objs, "the first shard upload should have landed before the outage"
+        assert not [k for k in objs if k.endswith("manifest.json")], "nothing may be committed"
+        store = S3Store(f"s3://{BUCKET}", endpoint_url=sw.endpoint)
+        prefix = next(iter(objs)).split("shard-")[0].split("_work/")[0]
+        with pytest.raises(NotCommittedError):
+            fetch_checkpoint(store, prefix, tmp_path / "nope")
+        # every object present is whole: each shard matches its resume record byte for byte
+        for k in objs:
+            if k.endswith(".safetensors"):
+                data = store.get_bytes(k)
+                rec = json.loads(store.get_bytes(k.replace("shard-", "_work/shard-") + ".json"))
+                assert hashlib.sha256(data).hexdigest() == rec["record"]["sha256"] and len(data) == rec["record"]["bytes"]
+
+        r2 = ray_head.submit(args + ["--summary-json", str(tmp_path / "s2.json")], timeout=400)
+        (tmp_path / "run2.log").write_text(r2.stdout + r2.stderr)
+        assert r2.returncode == 0, r2.stdout[-4000:]
+        resumed = re.search(r"slow: 4 shard\(s\) \([^)]*\), (\d+) resumed from an earlier run", r2.stdout)
+        assert resumed and int(resumed.group(1)) >= 1, "shards uploaded before the outage must be reused"
+        s2 = _summary(tmp_path / "s2.json")["slow"]
+        assert s2["status"] == "compressed"
+        got = fetch_checkpoint(store, _prefix_of({"slow": s2}), tmp_path / "fetched")
+        mine = json.loads((got / "manifest.json").read_text())
+        assert {n: m["sha256"] for n, m in mine["tensors"].items()} == slow_reference
+        left = _objects(sw.client(), BUCKET, "outage/")
+        assert not [k for k in left if "/_work/" in k]
+        assert not sw.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    finally:
+        sw.stop()

@@ -1,0 +1,145 @@
+"""Compress every model of a zoo file on a Ray cluster; checkpoints to a store,
+runs to MLflow.
+
+On a cluster::
+
+    ray job submit --runtime-env infra/runtime_env.yaml --working-dir . -- \\
+        python workflows/compress_all.py --zoo infra/zoo/sam.yaml \\
+        --store s3://bucket/birkhoff --tracking-uri http://mlflow:5000
+
+Here, with the embedded defaults (a local Ray, ``runs/store`` as the store and
+MLflow in ``runs/mlflow.db``)::
+
+    python workflows/compress_all.py
+
+The last stdout line is ``BIRKHOFF_SUMMARY {json}`` (status, checkpoint URI and
+metrics per model). Exit status 0 when no model failed, 1 otherwise, 2 on a
+usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python workflows/compress_all.py` puts workflows/ first on sys.path; the
+# packages live one level up (the repo root, or Ray's copy of the working dir).
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+log = logging.getLogger("workflows.compress_all")
+
+DEFAULT_ZOO = _ROOT / "infra" / "zoo" / "demo.yaml"
+
+
+def _runs_dir() -> Path:
+    return Path(os.environ.get("BIRKHOFF_RUNS_DIR", Path.cwd() / "runs")).resolve()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress_all.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default=str(DEFAULT_ZOO), help="zoo YAML file (default: infra/zoo/demo.yaml)")
+    p.add_argument("--store", default=None,
+                   help="s3://bucket/prefix or a folder (default: runs/store under the current directory)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: sqlite:///runs/mlflow.db under the current directory)")
+    p.add_argument("--experiment", default="birkhoff-zoo", help="MLflow experiment name")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="compress only these models of the zoo")
+    p.add_argument("--force", action="store_true", help="recompress models whose checkpoint is already committed")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel shard tasks (default: every CPU, or GPU, of the cluster)")
+    p.add_argument("--max-shard-bytes", type=int, default=None,
+                   help="source bytes per shard at most (bounds a task's memory; default 512 MiB)")
+    p.add_argument("--task-retries", type=int, default=3,
+                   help="retries of a shard task after a worker crash or a transient store error")
+    p.add_argument("--cpus-per-task", type=int, default=1,
+                   help="CPUs each shard task reserves and its codec threads use (default 1)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "numba-cpu", "numba-cuda"])
+    p.add_argument("--s3-endpoint-url", default=None,
+                   help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket when it does not exist")
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--cache-dir", default=None, help="node-local cache for downloaded and demo sources")
+    p.add_argument("--git-commit", default=None, help="recorded in MLflow (default: git rev-parse HEAD)")
+    p.add_argument("--summary-json", default=None, help="also write the summary to this file")
+    p.add_argument("--log-level", default=os.environ.get("BIRKHOFF_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from workflows import redaction
+
+    redaction.install(args.log_level)
+    from compressor.errors import BirkhoffError
+    from workflows.driver import DEFAULT_MAX_SHARD_BYTES, RunOptions, git_commit, run_zoo
+    from workflows.store import LocalStore, S3Store, open_store
+    from workflows.zoo import load_zoo
+
+    runs = _runs_dir()
+    in_ray_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
+    if in_ray_job and (args.store is None or args.tracking_uri is None):
+        log.warning("running as a Ray job with a default store or tracking URI: they live in the job's "
+                    "temporary working dir (%s); pass --store and --tracking-uri to keep results", runs)
+    try:
+        zoo = load_zoo(args.zoo)
+        models = zoo.select(args.only)
+        store = open_store(args.store or str(runs / "store"), endpoint_url=args.s3_endpoint_url)
+        if isinstance(store, S3Store):
+            if args.create_bucket:
+                store.ensure_bucket()
+        elif isinstance(store, LocalStore):
+            store.root.mkdir(parents=True, exist_ok=True)
+    except BirkhoffError as exc:
+        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
+        return 2
+
+    tracking_uri = args.tracking_uri
+    artifact_location = None
+    if tracking_uri is None:
+        runs.mkdir(parents=True, exist_ok=True)
+        tracking_uri = f"sqlite:///{runs / 'mlflow.db'}"
+        artifact_location = (runs / "mlartifacts").as_uri()
+    from workflows.tracking import Tracker
+
+    try:
+        tracker = Tracker(tracking_uri, args.experiment, artifact_location=artifact_location)
+    except Exception as exc:  # unreachable server, bad URI: say so plainly, without a traceback
+        log.error("MLflow tracking at %s unusable: %s: %s", redaction.redact_uri(tracking_uri),
+                  type(exc).__name__, redaction.redact(exc))
+        return 2
+    redaction.protect_handlers()  # MLflow and Ray add handlers of their own
+    opts = RunOptions(
+        store=store, force=args.force, workers=args.workers,
+        max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, task_retries=args.task_retries,
+        cpus_per_task=args.cpus_per_task,
+        backend=args.backend, cache_dir=args.cache_dir, log_level=args.log_level,
+        git_commit=args.git_commit or git_commit(),
+    )
+    log.info("zoo %s: %d model(s) -> %s, runs -> %s", zoo.name, len(models), store.uri,
+             redaction.redact_uri(tracking_uri))
+    zoo_params = {"zoo": zoo.name, "zoo_file": args.zoo, "store": redaction.redact_uri(store.uri),
+                  "force": args.force, "workers": args.workers, "max_shard_bytes": opts.max_shard_bytes}
+    outcomes = run_zoo(zoo, models, opts, tracker, zoo_params, ray_address=args.ray_address)
+    summary = {"zoo": zoo.name, "store": store.uri, "tracking_uri": redaction.redact_uri(tracking_uri),
+               "models": {o.name: o.as_dict() for o in outcomes}}
+    for o in outcomes:
+        extra = f" ratio {o.metrics['ratio']:.3f}x" if o.metrics.get("ratio") else ""
+        log.info("  %-24s %-10s %s%s", o.name, o.status, o.checkpoint_uri or o.error or "", extra)
+    text = redaction.redact(json.dumps(summary, sort_keys=True))
+    if args.summary_json:
+        Path(args.summary_json).write_text(text + "\n")
+    print("BIRKHOFF_SUMMARY " + text, flush=True)
+    return 0 if all(o.status != "failed" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

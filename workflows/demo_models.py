@@ -1,0 +1,112 @@
+"""SAM-family architectures built from small configs and saved locally.
+
+Used by ``infra/zoo/demo.yaml`` (``demo:NAME`` sources) so that the demo zoo,
+the tests and the benchmark run with no network. Weights are a seeded random
+init (the same bytes on every machine with the same torch), saved with
+``save_pretrained`` as safetensors next to their ``config.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+SEED = 0
+
+
+def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, decoder_hidden: int):
+    from transformers import SamConfig
+
+    vc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_dim=4 * hidden,
+              image_size=image, patch_size=16, output_channels=out_ch,
+              global_attn_indexes=[layers - 1], window_size=4)
+    return SamConfig(
+        vision_config=vc,
+        prompt_encoder_config=dict(hidden_size=out_ch, image_size=image, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=decoder_hidden, mlp_dim=2 * decoder_hidden, num_hidden_layers=2,
+                                 num_attention_heads=2, iou_head_hidden_dim=decoder_hidden),
+    )
+
+
+def _sam_tiny():
+    from transformers import SamModel
+
+    return SamModel(_sam_config(64, 2, 2, 128, 32, 32))
+
+
+def _sam_small():
+    from transformers import SamModel
+
+    return SamModel(_sam_config(192, 4, 4, 256, 64, 64))
+
+
+def _sam_hq_tiny():
+    from transformers import SamHQConfig, SamHQModel
+
+    base = _sam_config(64, 2, 2, 128, 32, 32).to_dict()
+    dec = dict(base["mask_decoder_config"], vit_dim=64)
+    for k in ("model_type", "transformers_version"):
+        for sub in (base["vision_config"], base["prompt_encoder_config"], dec):
+            sub.pop(k, None)
+    cfg = SamHQConfig(vision_config=base["vision_config"], prompt_encoder_config=base["prompt_encoder_config"],
+                      mask_decoder_config=dec)
+    return SamHQModel(cfg)
+
+
+def _sam_vit_b():
+    """The SAM ViT-B architecture at full size (transformers defaults, 93.7M parameters)."""
+    from transformers import SamConfig, SamModel
+
+    return SamModel(SamConfig())
+
+
+BUILDERS: dict[str, Callable] = {
+    "sam-tiny": _sam_tiny,
+    "sam-small": _sam_small,
+    "sam-hq-tiny": _sam_hq_tiny,
+    "sam-vit-b": _sam_vit_b,
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BIRKHOFF_CACHE", Path.home() / ".cache" / "birkhoff")) / "demo-models"
+
+
+def build(name: str, cache_dir=None) -> Path:
+    """Build (once) and return the directory of demo model ``name``.
+
+    The directory is written under a temporary name and renamed, so concurrent
+    workers on one node never see half a model.
+    """
+    import torch
+
+    if name not in BUILDERS:
+        from .errors import ZooError
+
+        raise ZooError(f"unknown demo model {name!r}; known: {sorted(BUILDERS)}")
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = root / f"{name}-seed{SEED}-torch{torch.__version__.split('+')[0]}"
+    if (out / "model.safetensors").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    log.info("building demo model %s into %s", name, out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = BUILDERS[name]()
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another worker won the race: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

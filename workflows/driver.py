@@ -1,0 +1,459 @@
+"""The zoo run's driver: per model, plan shards from the tensor index, run one Ray
+task per shard, then commit the checkpoint to the store with its manifest last.
+
+Store layout, one prefix per (model, source, config, codec version)::
+
+    <model>/<source sha256[:16]>/<config hash>-codec<V>/
+        shard-00001-of-00004.safetensors ...   uploaded by the tasks
+        config.json ...                        architecture files, by the driver
+        manifest.json                          the commit marker, written last
+        _work/<shard>.json                     resume records, removed at commit
+
+A prefix without ``manifest.json`` is not a checkpoint: :func:`fetch_checkpoint`
+refuses it and the next run resumes it (shards whose resume record and object
+match are kept, the rest are recomputed). A committed prefix makes the next run
+skip the model without writing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor import format as fmt
+from compressor.codec import CODEC_VERSION
+
+from .errors import NotCommittedError, StoreError, TransientStoreError, WorkflowError
+from .redaction import redact, redact_uri
+from .sharding import Shard, plan_shards, shard_count
+from .shard_task import WORK_DIR, run_shard, work_key
+from .store import Store
+from .zoo import ModelSpec, Zoo, resolve_source
+
+log = logging.getLogger(__name__)
+
+MANIFEST = fmt.MANIFEST_NAME
+DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2
+_BASE_TASK_MEMORY = 512 * 1024**2
+# float64 working copy of the shard, its points, indices, the decoded check and
+# the packed output, relative to the source bytes of float32 tensors
+_MEMORY_PER_SOURCE_BYTE = 8
+
+
+@dataclass
+class RunOptions:
+    store: Store
+    force: bool = False
+    workers: int | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    task_retries: int = 3
+    cpus_per_task: int = 1
+    backend: str = "auto"
+    cache_dir: str | None = None
+    log_level: str = "INFO"
+    git_commit: str = "unknown"
+
+
+@dataclass
+class ModelOutcome:
+    name: str
+    status: str  # compressed | skipped | failed
+    checkpoint_uri: str | None = None
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    run_id: str | None = None
+    shards: list = field(default_factory=list)  # per-shard task statistics (compressed models)
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "checkpoint_uri": self.checkpoint_uri, "metrics": self.metrics,
+                "error": self.error, "run_id": self.run_id, "shards": self.shards}
+
+
+def checkpoint_prefix(model: str, source_hash: str, config) -> str:
+    return f"{model}/{source_hash[:16]}/{config.config_hash()}-codec{CODEC_VERSION}/"
+
+
+def git_commit(default: str = "unknown") -> str:
+    env = os.environ.get("BIRKHOFF_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return default
+
+
+# -- reading committed checkpoints ----------------------------------------------------
+
+def read_manifest(store: Store, prefix: str) -> dict:
+    try:
+        raw = store.get_bytes(prefix + MANIFEST)
+    except StoreError:
+        if not store.exists(prefix + MANIFEST):
+            raise NotCommittedError(f"{store.url(prefix)} holds no committed checkpoint (no {MANIFEST})",
+                                    key=prefix) from None
+        raise
+    return json.loads(raw)
+
+
+def fetch_checkpoint(store: Store, prefix: str, directory) -> Path:
+    """Download a committed checkpoint (manifest, shards, extra files) and verify it
+    with the compressor's loader checks. Refuses prefixes without a manifest."""
+    from compressor.checkpoint import CompressedCheckpoint
+
+    manifest = read_manifest(store, prefix)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in list(manifest["shards"]) + list(manifest.get("extra_files", {})):
+        store.get_file(prefix + name, d / name)
+    store.get_file(prefix + MANIFEST, d / MANIFEST)
+    CompressedCheckpoint.load(d)  # validates every shard checksum and tensor
+    return d
+
+
+def committed_checkpoints(store: Store) -> list[str]:
+    """Prefixes of every committed checkpoint in the store."""
+    return sorted(k[: -len(MANIFEST)] for k in store.list("") if k.endswith("/" + MANIFEST))
+
+
+# -- Ray plumbing ---------------------------------------------------------------------
+
+def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=workers * cpus_per_task if workers else None, include_dashboard=False,
+                 log_to_driver=True)
+    res = ray.cluster_resources()
+    log.info("Ray cluster: %s CPU, %s GPU, %.1f GiB memory", res.get("CPU", 0), res.get("GPU", 0),
+             res.get("memory", 0) / 2**30)
+
+
+def _cluster_slots(workers: int | None, cpus_per_task: int = 1) -> tuple[int, bool, float]:
+    """(parallel task slots, GPUs present, largest node memory in bytes)."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    slots = gpus if gpus else int(res.get("CPU", 1)) // max(1, cpus_per_task)
+    if workers:
+        slots = min(slots, workers) if slots else workers
+    alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    node_mem = max((r.get("memory", 0) for r in alive), default=0)
+    if not gpus and max((r.get("CPU", 0) for r in alive), default=0) < cpus_per_task:
+        raise WorkflowError(f"no Ray node has {cpus_per_task} CPUs for one shard task (lower --cpus-per-task)")
+    return max(1, slots), gpus > 0, float(node_mem)
+
+
+def _task_memory(shard: Shard, node_mem: float) -> int:
+    want = _BASE_TASK_MEMORY + _MEMORY_PER_SOURCE_BYTE * shard.nbytes
+    if node_mem and want > 0.9 * node_mem:
+        log.warning("shard %s wants %.1f GiB, more than any node offers; requesting %.1f GiB",
+                    shard.filename, want / 2**30, 0.9 * node_mem / 2**30)
+        want = int(0.9 * node_mem)
+    return int(want)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc
+
+
+# -- one model --------------------------------------------------------------------------
+
+class ModelRun:
+    def __init__(self, spec: ModelSpec, opts: RunOptions, tracker=None, child_run: str | None = None,
+                 parent_run: str | None = None):
+        self.spec = spec
+        self.opts = opts
+        self.store = opts.store
+        self.tracker = tracker
+        self.child_run = child_run
+        self.parent_run = parent_run
+
+    def _beat(self):
+        if self.tracker and self.parent_run:
+            self.tracker.heartbeat(self.parent_run)
+
+    def run(self) -> ModelOutcome:
+        from compressor.sources import open_source
+
+        spec, store = self.spec, self.store
+        t0 = time.perf_counter()
+        local = resolve_source(spec.source, cache_dir=self.opts.cache_dir,
+                               s3_endpoint_url=getattr(store, "endpoint_url", None))
+        src = open_source(local, revision=spec.revision)
+        index = src.tensor_index()
+        if not index:
+            raise WorkflowError(f"{spec.name}: the source holds no tensors ({redact_uri(spec.source)})")
+        th = time.perf_counter()
+        source_hash = src.source_hash()
+        log.info("%s: %d tensors, %.1fM params, %.1f MiB in %d file(s); source sha256 %s (%.1f s)", spec.name,
+                 len(index), sum(i.numel for i in index) / 1e6, src.weight_bytes / 2**20, len(src.weight_files),
+                 source_hash[:16], time.perf_counter() - th)
+        prefix = checkpoint_prefix(spec.name, source_hash, spec.config)
+        uri = store.url(prefix)
+        params = {
+            "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
+            "source_kind": src.kind, "config": spec.config.to_dict(), "config_hash": spec.config.config_hash(),
+            "codec_version": CODEC_VERSION, "format_version": fmt.FORMAT_VERSION, "git_commit": self.opts.git_commit,
+            "checkpoint_uri": uri, "eval_datasets": list(spec.eval),
+        }
+        if self.tracker and self.child_run:
+            self.tracker.log_params(self.child_run, params)
+            self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **spec.tags})
+
+        manifest_info = store.head(prefix + MANIFEST)
+        if manifest_info is not None and not self.opts.force:
+            manifest = read_manifest(store, prefix)
+            metrics = _manifest_metrics(manifest, src.weight_bytes, manifest_info.size)
+            log.info("%s: skipped, already committed at %s", spec.name, uri)
+            return ModelOutcome(spec.name, "skipped", uri, metrics)
+        if manifest_info is not None:
+            log.info("%s: --force: un-committing %s before recompressing", spec.name, uri)
+            store.delete(prefix + MANIFEST)
+        store.abort_incomplete(prefix)
+
+        import ray
+
+        slots, gpus, node_mem = _cluster_slots(self.opts.workers, self.opts.cpus_per_task)
+        shards = plan_shards(index, shard_count(src.weight_bytes, len(index), slots, self.opts.max_shard_bytes))
+        results = self._resumable(prefix, shards)
+        todo = [s for s in shards if s.index not in results]
+        log.info("%s: %d shard(s) (%s), %d resumed from an earlier run, %d to compress on %d slot(s)%s",
+                 spec.name, len(shards), ", ".join(f"{s.numel / 1e6:.1f}M" for s in shards), len(results),
+                 len(todo), slots, " with GPUs" if gpus else "")
+        expected_of = {i.name: (list(i.shape), i.dtype) for i in index}
+        base_job = {
+            "model": spec.name, "source": spec.source, "revision": spec.revision, "config": spec.config.to_dict(),
+            "store": store.spec(), "prefix": prefix, "backend": self.opts.backend,
+            "cache_dir": self.opts.cache_dir, "log_level": self.opts.log_level, "cpus": self.opts.cpus_per_task,
+        }
+        remote = ray.remote(run_shard)
+        pending: dict = {}
+        queue = list(todo)
+        done = len(results)
+        t_tasks = time.perf_counter()
+        try:
+            while queue or pending:
+                while queue and len(pending) < slots:
+                    s = queue.pop(0)
+                    job = dict(base_job, shard={"index": s.index, "count": s.count, "names": list(s.names),
+                                                "filename": s.filename, "names_hash": s.names_hash},
+                               expected={n: expected_of[n] for n in s.names})
+                    ref = remote.options(
+                        name=f"compress_shard[{spec.name}:{s.index + 1}/{s.count}]",
+                        num_cpus=self.opts.cpus_per_task, num_gpus=1 if gpus else 0, memory=_task_memory(s, node_mem),
+                        max_retries=self.opts.task_retries, retry_exceptions=[TransientStoreError],
+                    ).remote(job)
+                    pending[ref] = s
+                    log.debug("%s: submitted shard %d/%d", spec.name, s.index + 1, s.count)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+                self._beat()
+                if not ready:
+                    log.info("%s: %d/%d shards done, %d running (%.0f s)", spec.name, done, len(shards),
+                             len(pending), time.perf_counter() - t_tasks)
+                    continue
+                ref = ready[0]
+                s = pending.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except Exception as exc:
+                    cause = _cause(exc)
+                    raise WorkflowError(f"{spec.name}: shard {s.index + 1}/{s.count} failed: "
+                                        f"{type(cause).__name__}: {redact(cause)}") from None
+                results[s.index] = res
+                done += 1
+                st = res["stats"]
+                log.info("%s: shard %d/%d done (%d/%d): %.1fM params in %.1f s on %s pid %s, peak RSS %.0f MiB",
+                         spec.name, s.index + 1, s.count, done, len(shards), st["params"] / 1e6,
+                         st["wall_seconds"], st["node"], st["pid"], st["peak_rss_bytes"] / 2**20)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+        return self._commit(src, source_hash, prefix, index, shards, results, params, t0)
+
+    def _resumable(self, prefix: str, shards: list[Shard]) -> dict[int, dict]:
+        """Shards finished by an interrupted earlier run with this exact plan."""
+        out: dict[int, dict] = {}
+        keys = set(self.store.list(prefix + WORK_DIR))
+        if not keys:
+            return out
+        for s in shards:
+            key = work_key(prefix, s.filename)
+            if key not in keys:
+                continue
+            try:
+                rec = json.loads(self.store.get_bytes(key))
+                info = self.store.head(prefix + s.filename)
+            except (StoreError, ValueError) as exc:
+                log.info("%s: resume record %s unusable (%s): recomputing", self.spec.name, s.filename, redact(exc))
+                continue
+            ok = (rec.get("names_hash") == s.names_hash and rec.get("config_hash") == self.spec.config.config_hash()
+                  and rec.get("codec_version") == CODEC_VERSION and info is not None
+                  and info.size == rec["record"]["bytes"]
+                  and (info.sha256 is None or info.sha256 == rec["record"]["sha256"]))
+            if ok:
+                out[s.index] = rec
+        return out
+
+    def _commit(self, src, source_hash, prefix, index, shards, results, params, t0) -> ModelOutcome:
+        from compressor.checkpoint import build_manifest
+
+        spec, store = self.spec, self.store
+        meta: dict = {}
+        for r in results.values():
+            meta.update(r["tensor_meta"])
+        missing = [i.name for i in index if i.name not in meta]
+        if missing:
+            raise WorkflowError(f"{spec.name}: {len(missing)} tensors missing after all shards ({missing[:3]})")
+        meta = {i.name: meta[i.name] for i in index}
+        records = [results[s.index]["record"] for s in shards]
+        source_info = src.describe()
+        source_info.update({"uri": redact_uri(spec.source), "sha256": source_hash, "revision": spec.revision,
+                            "zoo_model": spec.name})
+        with tempfile.TemporaryDirectory(prefix="birkhoff-commit-") as d:
+            extras = {}
+            for f in src.extra_files:
+                extras[f.name] = fmt.copy_extra_file(f, d, f.name)
+                store.put_file(prefix + f.name, Path(d) / f.name)
+            manifest = build_manifest(spec.config, source_info, meta, records, extras)
+            fmt.write_manifest(d, manifest)
+            manifest_bytes = (Path(d) / MANIFEST).stat().st_size
+            store.put_file(prefix + MANIFEST, Path(d) / MANIFEST)  # the commit
+        uri = store.url(prefix)
+        log.info("%s: committed %s", spec.name, uri)
+        keep = set(manifest["shards"]) | set(extras) | {MANIFEST}
+        try:  # resume records and shards of an older plan: not part of the checkpoint
+            for key in store.list(prefix):
+                if key[len(prefix):] not in keep:
+                    store.delete(key)
+        except StoreError as exc:  # committed already; leftovers are invisible to readers
+            log.warning("%s: cleanup of staging objects failed (%s); the next run retries", spec.name, redact(exc))
+        stats = [r["stats"] for r in results.values()]
+        metrics = _manifest_metrics(manifest, src.weight_bytes, manifest_bytes)
+        metrics.update({
+            "compress_seconds": sum(s["compress_seconds"] for s in stats),
+            "wall_seconds": time.perf_counter() - t0,
+            "shards": len(shards),
+            "max_task_peak_rss_mb": max(s["peak_rss_bytes"] for s in stats) / 2**20,
+        })
+        shard_stats = [dict(results[s.index]["stats"], shard=s.filename) for s in shards]
+        if self.tracker and self.child_run:
+            try:
+                self.tracker.log_model_artifacts(self.child_run, manifest, uri, shard_stats)
+            except Exception as exc:  # the checkpoint is committed: a bookkeeping error must not fail it
+                log.warning("%s: MLflow artifacts not logged: %s", spec.name, redact(exc))
+        return ModelOutcome(spec.name, "compressed", uri, metrics, shards=shard_stats)
+
+
+def _manifest_metrics(manifest: dict, source_bytes: int, manifest_bytes: int) -> dict:
+    tensors = manifest["tensors"]
+    numel = err = 0
+    comp = 0
+    for m in tensors.values():
+        n = 1
+        for d in m["shape"]:
+            n *= int(d)
+        numel += n
+        if not m["raw"]:
+            comp += 1
+            err += float(m["abs_error_sum"])
+    stored = sum(int(v["bytes"]) for v in manifest["shards"].values()) + \
+        sum(int(v["bytes"]) for v in manifest.get("extra_files", {}).values()) + manifest_bytes
+    return {
+        "ratio": source_bytes / stored if stored else 0.0,
+        "original_bytes": source_bytes,
+        "compressed_bytes": stored,
+        "mae": err / numel if numel else 0.0,
+        "params": numel,
+        "compressed_tensors": comp,
+        "raw_tensors": len(tensors) - comp,
+    }
+
+
+# -- the zoo ------------------------------------------------------------------------------
+
+def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, zoo_params: dict | None = None,
+            ray_address: str | None = None) -> list[ModelOutcome]:
+    outcomes: list[ModelOutcome] = []
+    parent = None
+    if tracker:
+        tracker.mark_stale_runs()
+        parent = tracker.start_parent(f"zoo:{zoo.name}", dict(zoo_params or {}, models=[m.name for m in models],
+                                                               git_commit=opts.git_commit,
+                                                               codec_version=CODEC_VERSION))
+    connect_ray(ray_address, opts.workers, opts.cpus_per_task)
+    from .redaction import protect_handlers
+
+    protect_handlers()  # Ray adds logging handlers of its own at init
+    status = "FAILED"
+    try:
+        for i, spec in enumerate(models, 1):
+            log.info("[%d/%d] %s: source %s", i, len(models), spec.name, redact_uri(spec.source))
+            child = tracker.start_child(parent, spec.name) if tracker else None
+            t0 = time.perf_counter()
+            try:
+                out = ModelRun(spec, opts, tracker, child, parent).run()
+            except Exception as exc:  # one model's failure must not stop the zoo
+                err = f"{type(exc).__name__}: {redact(exc)}"
+                log.error("%s: FAILED after %.1f s: %s", spec.name, time.perf_counter() - t0, err)
+                log.debug("%s traceback:\n%s", spec.name, redact(traceback.format_exc()))
+                out = ModelOutcome(spec.name, "failed", error=err)
+                if tracker:
+                    _log_failure(tracker, child, err, traceback.format_exc())
+            else:
+                log.info("%s: %s in %.1f s%s", spec.name, out.status, time.perf_counter() - t0,
+                         f" (ratio {out.metrics['ratio']:.3f}x, MAE {out.metrics['mae']:.3g})"
+                         if out.metrics else "")
+                if tracker:
+                    _log_success(tracker, child, out)
+            out.run_id = child
+            outcomes.append(out)
+            if tracker:
+                tracker.heartbeat(parent, every=0)
+        status = "FINISHED" if all(o.status != "failed" for o in outcomes) else "FAILED"
+    finally:
+        if tracker:
+            try:
+                counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("compressed", "skipped", "failed")}
+                tracker.log_metrics(parent, {f"models_{k}": v for k, v in counts.items()})
+                tracker.finish(parent, status)
+            except Exception as exc:
+                log.warning("could not close the MLflow parent run: %s", redact(exc))
+    return outcomes
+
+
+def _log_success(tracker, child: str, out: ModelOutcome) -> None:
+    try:
+        tracker.log_metrics(child, out.metrics)
+        tracker.set_tags(child, {"birkhoff.status": out.status, "birkhoff.checkpoint_uri": out.checkpoint_uri})
+        tracker.finish(child, "FINISHED")
+    except Exception as exc:  # the checkpoint is committed; bookkeeping must not fail the model
+        log.warning("%s: MLflow logging failed: %s", out.name, redact(exc))
+
+
+def _log_failure(tracker, child: str, err: str, tb: str) -> None:
+    try:
+        tracker.set_tags(child, {"birkhoff.status": "failed", "birkhoff.error": err})
+        with tempfile.TemporaryDirectory(prefix="birkhoff-err-") as d:
+            (Path(d) / "error.txt").write_text(redact(err) + "\n\n" + redact(tb))
+            tracker.log_artifacts(child, d)
+        tracker.finish(child, "FAILED")
+    except Exception as exc:
+        log.warning("MLflow logging of a failure failed: %s", redact(exc))

@@ -1,0 +1,46 @@
+"""Typed errors of the workflow (the compressor's own live in compressor.errors)."""
+
+from __future__ import annotations
+
+from compressor.errors import BirkhoffError
+
+
+class WorkflowError(BirkhoffError, RuntimeError):
+    """A zoo run cannot go on for one model (the message says which and why)."""
+
+
+class ZooError(BirkhoffError, ValueError):
+    """The zoo file is invalid; the message names the file and the model."""
+
+
+class StoreError(BirkhoffError, RuntimeError):
+    """An object store operation failed for a reason retrying will not fix
+    (access denied, no such bucket, bad URI). Never carries credentials."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        self.key = key
+        super().__init__(message)
+
+    def __reduce__(self):  # survive Ray's pickling with the key kept
+        return (type(self)._rebuild, (str(self), self.key))
+
+    @classmethod
+    def _rebuild(cls, message, key):
+        err = cls.__new__(cls)
+        RuntimeError.__init__(err, message)
+        err.key = key
+        return err
+
+
+class TransientStoreError(StoreError):
+    """A store operation failed in a way that may pass on retry (connection
+    refused or reset, timeouts, 5xx, throttling, checksum mismatch in flight)."""
+
+
+class ChecksumMismatchError(TransientStoreError):
+    """What the store holds after an upload differs from what was sent."""
+
+
+class NotCommittedError(StoreError):
+    """The key holds no committed checkpoint (no manifest.json): staging objects
+    of an unfinished run are never readable as a checkpoint."""

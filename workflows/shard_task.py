@@ -1,0 +1,114 @@
+"""What one Ray task does for one shard (plain Python: testable without Ray).
+
+Open the source on this node, read only the shard's tensors, compress them
+(CUDA index search on GPU workers, Numba CPU elsewhere), write the shard into a
+local temporary folder, upload it under the checkpoint's prefix, then upload a
+small resume record (``_work/<shard>.json``) and return the same record to the
+driver: the shard's file record, its tensors' manifest entries and statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = "_work/"
+
+
+def work_key(prefix: str, filename: str) -> str:
+    return f"{prefix}{WORK_DIR}{filename}.json"
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _limit_threads(cpus: int) -> None:
+    """Use the CPUs the task reserved, no more: Numba and torch default to every
+    core of the node, which oversubscribes it as soon as two tasks share a node."""
+    import torch
+
+    n = max(1, cpus)
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # the reference backend needs no numba
+        pass
+
+
+def run_shard(job: dict) -> dict:
+    from compressor.backends import resolve_backend
+    from compressor.checkpoint import compress_tensors, write_entries_shard
+    from compressor.codec import CODEC_VERSION
+    from compressor.config import HyperCompressionConfig
+    from compressor.errors import SourceError
+    from compressor.sources import open_source
+
+    from . import redaction
+    from .store import open_store
+    from .zoo import resolve_source
+
+    redaction.install(job.get("log_level", "INFO"))
+    _limit_threads(int(job.get("cpus", 1)))
+    t0 = time.perf_counter()
+    model, shard = job["model"], job["shard"]
+    tag = f"{model} shard {shard['index'] + 1}/{shard['count']}"
+    store = open_store(job["store"])
+    local = resolve_source(job["source"], cache_dir=job.get("cache_dir"),
+                           s3_endpoint_url=job["store"].get("endpoint_url"))
+    src = open_source(local, revision=job.get("revision"))
+    index = {i.name: i for i in src.tensor_index()}
+    for name, (shape, dtype) in job["expected"].items():
+        info = index.get(name)
+        if info is None or list(info.shape) != list(shape) or info.dtype != dtype:
+            raise SourceError("the source changed since the driver planned the shards", file=src.uri, tensor=name)
+    backend = resolve_backend(job.get("backend", "auto"))
+    config = HyperCompressionConfig.from_dict(job["config"])
+    names = list(shard["names"])
+    log.info("%s: compressing %d tensors (%.1fM params) with %s", tag, len(names),
+             sum(index[n].numel for n in names) / 1e6, backend.backend.value)
+    timings: dict = {}
+    entries = compress_tensors(src, names, config, backend.kernels, progress=False, timings=timings)
+    stats = {
+        "params": sum(e.numel for e in entries.values()),
+        "abs_error_sum": float(sum(e.abs_error_sum for e in entries.values())),
+        "compressed_tensors": sum(1 for e in entries.values() if not e.raw),
+        "raw_tensors": sum(1 for e in entries.values() if e.raw),
+        "compress_seconds": float(timings.get("seconds", 0.0)),
+    }
+    with tempfile.TemporaryDirectory(prefix="birkhoff-shard-") as d:
+        record, meta = write_entries_shard(d, shard["filename"], entries, backend.kernels)
+        del entries
+        store.put_file(job["prefix"] + shard["filename"], Path(d) / shard["filename"])
+    stats.update({
+        "wall_seconds": time.perf_counter() - t0,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "pid": os.getpid(),
+        "node": socket.gethostname(),
+        "backend": backend.backend.value,
+    })
+    result = {
+        "model": model,
+        "shard": shard["index"],
+        "filename": shard["filename"],
+        "names_hash": shard["names_hash"],
+        "config_hash": config.config_hash(),
+        "codec_version": CODEC_VERSION,
+        "record": record,
+        "tensor_meta": meta,
+        "stats": stats,
+    }
+    store.put_bytes(work_key(job["prefix"], shard["filename"]), json.dumps(result).encode())
+    log.info("%s: done in %.1f s (codec %.1f s, %d bytes, peak RSS %.0f MiB)", tag, stats["wall_seconds"],
+             stats["compress_seconds"], record["bytes"], stats["peak_rss_bytes"] / 2**20)
+    return result

