@@ -1,6 +1,6 @@
 """Evaluation throughput: images per second, original against compressed SAM ViT-B.
 
-    python benchmarks/bench_eval.py [--images 3] [--device cpu] [--out docs/bench/eval.md]
+    python benchmarks/bench_eval.py [--images 3] [--device cpu] [--out FILE]
 
 Builds the SAM ViT-B architecture (``SamModel(SamConfig())`` after
 ``torch.manual_seed(0)``: no trained weights can be downloaded here), compresses

@@ -5,7 +5,7 @@
     python benchmarks/bench_hyperlinear.py --device cuda --dtype bf16 --encoder   # SAM ViT-B image encoder
 
 Prints markdown tables (times in microseconds, medians) with the device and date,
-ready for docs/bench/hyperlinear.md. Weights are SAM-init-like N(0, 0.02) with
+ready for docs/BENCHMARKS.md (HyperLinear section). Weights are SAM-init-like N(0, 0.02) with
 a few outliers, compressed with the default config.
 """
 

@@ -20,7 +20,7 @@ CUDA: torch's caching allocator, freed after the matmul). The fused paths use no
 Backends (per layer, :meth:`HyperLinear.set_backend`): ``reference`` (torch
 gather + ``F.linear``; any device), ``numba-cpu`` (@njit decode split over threads + torch
 matmul; measured faster than the fused @njit kernel at every token count, see
-``docs/bench/hyperlinear.md``), ``numba-cuda`` (fused warp-per-row kernel up to
+``docs/BENCHMARKS.md (HyperLinear section)``), ``numba-cuda`` (fused warp-per-row kernel up to
 ``CUDA_FUSED_MAX_TOKENS`` tokens, decode + tensor-core matmul above), ``auto``
 (by device, dtype and token count; logs each choice once). An explicit backend
 that cannot run raises :class:`BackendUnavailableError`.

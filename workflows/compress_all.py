@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket when it does not exist")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--cache-dir", default=None, help="node-local cache for downloaded and demo sources")
+    p.add_argument("--eval", dest="eval_mode", choices=["new", "all", "none"], default="new",
+                   help="evaluate models on their zoo datasets after compression: the newly compressed ones "
+                        "(default), all of them (nightly: skipped ones too), or none")
     p.add_argument("--git-commit", default=None, help="recorded in MLflow (default: git rev-parse HEAD)")
     p.add_argument("--summary-json", default=None, help="also write the summary to this file")
     p.add_argument("--log-level", default=os.environ.get("BIRKHOFF_LOG_LEVEL", "INFO"),
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         store=store, force=args.force, workers=args.workers,
         max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, task_retries=args.task_retries,
         cpus_per_task=args.cpus_per_task,
-        backend=args.backend, cache_dir=args.cache_dir, log_level=args.log_level,
+        backend=args.backend, cache_dir=args.cache_dir, log_level=args.log_level, eval_mode=args.eval_mode,
         git_commit=args.git_commit or git_commit(),
     )
     log.info("zoo %s: %d model(s) -> %s, runs -> %s", zoo.name, len(models), store.uri,

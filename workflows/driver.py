@@ -59,6 +59,9 @@ class RunOptions:
     cache_dir: str | None = None
     log_level: str = "INFO"
     git_commit: str = "unknown"
+    # evaluate after compressing: "new" (models compressed in this run), "all"
+    # (also the skipped ones: the nightly check), "none"
+    eval_mode: str = "new"
 
 
 @dataclass
@@ -70,10 +73,13 @@ class ModelOutcome:
     error: str | None = None
     run_id: str | None = None
     shards: list = field(default_factory=list)  # per-shard task statistics (compressed models)
+    eval_metrics: dict = field(default_factory=dict)
+    eval_error: str | None = None
 
     def as_dict(self) -> dict:
         return {"status": self.status, "checkpoint_uri": self.checkpoint_uri, "metrics": self.metrics,
-                "error": self.error, "run_id": self.run_id, "shards": self.shards}
+                "error": self.error, "run_id": self.run_id, "shards": self.shards,
+                "eval_metrics": self.eval_metrics, "eval_error": self.eval_error}
 
 
 def checkpoint_prefix(model: str, source_hash: str, config) -> str:
@@ -196,6 +202,7 @@ class ModelRun:
         t0 = time.perf_counter()
         local = resolve_source(spec.source, cache_dir=self.opts.cache_dir,
                                s3_endpoint_url=getattr(store, "endpoint_url", None))
+        self.local_source = local
         src = open_source(local, revision=spec.revision)
         index = src.tensor_index()
         if not index:
@@ -206,6 +213,7 @@ class ModelRun:
                  len(index), sum(i.numel for i in index) / 1e6, src.weight_bytes / 2**20, len(src.weight_files),
                  source_hash[:16], time.perf_counter() - th)
         prefix = checkpoint_prefix(spec.name, source_hash, spec.config)
+        self.prefix = prefix
         uri = store.url(prefix)
         params = {
             "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
@@ -409,7 +417,8 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
             child = tracker.start_child(parent, spec.name) if tracker else None
             t0 = time.perf_counter()
             try:
-                out = ModelRun(spec, opts, tracker, child, parent).run()
+                mrun = ModelRun(spec, opts, tracker, child, parent)
+                out = mrun.run()
             except Exception as exc:  # one model's failure must not stop the zoo
                 err = f"{type(exc).__name__}: {redact(exc)}"
                 log.error("%s: FAILED after %.1f s: %s", spec.name, time.perf_counter() - t0, err)
@@ -423,11 +432,13 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
                          if out.metrics else "")
                 if tracker:
                     _log_success(tracker, child, out)
+                if spec.eval and (opts.eval_mode == "all" or (opts.eval_mode == "new" and out.status == "compressed")):
+                    _evaluate(zoo, spec, mrun, out, opts, tracker, child)
             out.run_id = child
             outcomes.append(out)
             if tracker:
                 tracker.heartbeat(parent, every=0)
-        status = "FINISHED" if all(o.status != "failed" for o in outcomes) else "FAILED"
+        status = "FINISHED" if all(o.status != "failed" and not o.eval_error for o in outcomes) else "FAILED"
     finally:
         if tracker:
             try:
@@ -437,6 +448,40 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
             except Exception as exc:
                 log.warning("could not close the MLflow parent run: %s", redact(exc))
     return outcomes
+
+
+def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, opts: RunOptions, tracker,
+              child: str | None) -> None:
+    """Evaluate the committed checkpoint against its source on the zoo's datasets,
+    fanned out on the same Ray cluster, logged as a run nested under the model's.
+    A failed evaluation is reported (and fails the zoo run) but never touches the
+    committed checkpoint."""
+    from eval_jobs.runner import evaluate_compressed
+
+    from .zoo import resolve_dataset
+
+    t0 = time.perf_counter()
+    try:
+        datasets = [resolve_dataset(zoo, name, cache_dir=opts.cache_dir) for name in spec.eval]
+        log.info("%s: evaluating on %s", spec.name, ", ".join(spec.eval))
+        with tempfile.TemporaryDirectory(prefix="birkhoff-eval-") as d:
+            local = fetch_checkpoint(opts.store, mrun.prefix, Path(d) / "checkpoint")
+            results, run_id = evaluate_compressed(
+                str(local), datasets, original=mrun.local_source, executor="ray", parent_run_id=child,
+                tracking_uri=tracker.tracking_uri if tracker else None, name=spec.name)
+        out.eval_metrics = dict(results.metrics)
+        log.info("%s: evaluated in %.1f s%s", spec.name, time.perf_counter() - t0,
+                 "".join(f", {k} {v:.4f}" for k, v in sorted(results.metrics.items())
+                         if k.startswith("fidelity_miou/") and v is not None)[:400])
+    except Exception as exc:  # the checkpoint stands; the evaluation is reported as failed
+        out.eval_error = f"{type(exc).__name__}: {redact(exc)}"
+        log.error("%s: evaluation FAILED: %s", spec.name, out.eval_error)
+        log.debug("%s eval traceback:\n%s", spec.name, redact(traceback.format_exc()))
+        if tracker and child:
+            try:
+                tracker.client.set_tag(child, "birkhoff.eval_error", out.eval_error[:4000])
+            except Exception as tag_exc:
+                log.warning("could not tag the eval failure: %s", redact(tag_exc))
 
 
 def _log_success(tracker, child: str, out: ModelOutcome) -> None:

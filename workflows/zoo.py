@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODEL_KEYS = {"name", "source", "revision", "config", "eval", "tags", "description"}
-_TOP_KEYS = {"name", "defaults", "models", "description"}
+_TOP_KEYS = {"name", "defaults", "models", "description", "datasets"}
+# a zoo dataset is "synthetic" (the generated demo set) or an eval_jobs spec
+# "FORMAT:ANNOTATIONS:IMAGES[:DETECTIONS]" (paths relative to the zoo file)
+SYNTHETIC = "synthetic"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Zoo:
     name: str
     path: str
     models: tuple[ModelSpec, ...]
+    datasets: dict = field(default_factory=dict)  # name -> "synthetic" | eval spec
 
     def select(self, only: list[str] | None) -> list[ModelSpec]:
         if not only:
@@ -91,6 +95,12 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - {"config", "eval", "tags"}:
         raise ZooError(f"{path}: 'defaults' may hold config, eval and tags only")
+    datasets = data.get("datasets") or {}
+    if not isinstance(datasets, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in datasets.items()):
+        raise ZooError(f"{path}: 'datasets' maps names to 'synthetic' or FORMAT:ANNOTATIONS:IMAGES[:DETECTIONS]")
+    for dname, dspec in datasets.items():
+        if dspec != SYNTHETIC and len(dspec.split(":")) not in (3, 4):
+            raise ZooError(f"{path}: dataset {dname!r}: expected 'synthetic' or FORMAT:ANNOTATIONS:IMAGES, got {dspec!r}")
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ZooError(f"{path}: 'models' must be a non-empty list")
@@ -120,6 +130,9 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
         ev = m.get("eval", defaults.get("eval", [])) or []
         if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
             raise ZooError(f"{where}: 'eval' must be a list of dataset names")
+        unknown_ds = [e for e in ev if e not in datasets]
+        if unknown_ds:
+            raise ZooError(f"{where}: eval datasets {unknown_ds} are not in the zoo's 'datasets' ({sorted(datasets)})")
         tags = _merge(defaults.get("tags") or {}, m.get("tags") or {})
         if not isinstance(tags, dict):
             raise ZooError(f"{where}: 'tags' must be a mapping")
@@ -128,7 +141,7 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
             raise ZooError(f"{where}: 'revision' must be a string")
         models.append(ModelSpec(name, source.strip(), cfg, rev, tuple(ev), {str(k): str(v) for k, v in tags.items()}))
     zoo_name = data.get("name") or Path(path).stem
-    return Zoo(str(zoo_name), path, tuple(models))
+    return Zoo(str(zoo_name), path, tuple(models), dict(datasets))
 
 
 def load_zoo(path) -> Zoo:
@@ -145,6 +158,26 @@ def load_zoo(path) -> Zoo:
 
 
 # -- sources --------------------------------------------------------------------------
+
+def resolve_dataset(zoo: Zoo, name: str, *, cache_dir=None) -> str:
+    """The eval_jobs ``--dataset`` value of a zoo dataset; the synthetic demo set is
+    generated once into the cache (same seed, same bytes)."""
+    spec = zoo.datasets[name]
+    if spec == SYNTHETIC:
+        from eval_jobs.synthetic import write_synthetic
+
+        root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "datasets" / name
+        done = root / ".complete"
+        if not done.exists():
+            write_synthetic(root)
+            done.touch()
+        return f"{name}=coco:{root / 'coco.json'}:{root / 'images'}"
+    parts = spec.split(":")
+    base = Path(zoo.path).resolve().parent
+    fmt_, *paths = parts
+    resolved = [str(p if Path(p).is_absolute() else base / p) for p in paths]
+    return f"{name}={fmt_}:" + ":".join(resolved)
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BIRKHOFF_CACHE", Path.home() / ".cache" / "birkhoff"))

@@ -15,7 +15,7 @@ from compressor.config import HyperCompressionConfig
 from compressor.errors import BackendUnavailableError, IndexRangeError
 from compressor.hyperlinear import HyperLinear, HyperLinearError, hyperlinear_bytes, numba_cuda_status
 
-# Tolerances (documented in docs/bench/hyperlinear.md): fp32 rtol 1e-4 (+ atol 1e-5 for
+# Tolerances (documented in docs/BENCHMARKS.md (HyperLinear section)): fp32 rtol 1e-4 (+ atol 1e-5 for
 # near-zero outputs); fp16 / bf16 outputs are compared with the fp32 product of the same
 # half-precision operands, within a few units in the last place of the output dtype.
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}

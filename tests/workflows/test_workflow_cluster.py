@@ -155,6 +155,15 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(accept, mlflow_serve
                                  + children["sam-tiny"].data.metrics["raw_tensors"])
     broken = children["broken"]
     assert broken.info.status == "FAILED" and "SourceError" in broken.data.tags["birkhoff.error"]
+    # each SAM model was evaluated after compression, in a run nested under its model's run
+    for name in [n for n in GOOD if n.startswith("sam")]:
+        evals = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children[name].info.run_id]
+        assert len(evals) == 1, name
+        em = evals[0].data.metrics
+        assert {"fidelity_miou/coco-val-mini/box", "miou_drop/coco-val-mini/box", "map/coco-val-mini"} <= set(em)
+        assert 0.0 <= em["fidelity_miou/coco-val-mini/box"] <= 1.0
+        assert "miou_per_prompt.png" in {a.path for a in c.list_artifacts(evals[0].info.run_id)}
+    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["all-minilm-l6-v2"].info.run_id]
     # the rerun: every model skipped, logged as such
     second_parent = max(parents, key=lambda r: r.info.start_time)
     assert second_parent.info.status == "FINISHED"

@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import pytest
 
 from workflows import redaction
@@ -69,10 +71,27 @@ def test_zoo_files_parse():
     ({"models": [{"name": "a", "source": "x", "config": {"points": [3]}}]}, "invalid config"),
     ({"models": [{"name": "a", "source": "x", "colour": 1}]}, "unknown keys"),
     ({"models": []}, "non-empty"),
+    ({"models": [{"name": "a", "source": "x", "eval": ["coco"]}]}, "not in the zoo's 'datasets'"),
+    ({"datasets": {"coco": "coco:only-two"}, "models": [{"name": "a", "source": "x"}]}, "expected 'synthetic'"),
 ])
 def test_zoo_errors_name_the_model(data, needle):
     with pytest.raises(ZooError, match=needle):
         parse_zoo(data, "z.yaml")
+
+
+def test_zoo_datasets_resolve(tmp_path):
+    from workflows.zoo import resolve_dataset
+
+    zoo_file = tmp_path / "z.yaml"
+    zoo_file.write_text("datasets:\n  mini: synthetic\n  real: coco:ann/val.json:/abs/images\n"
+                        "models:\n  - {name: a, source: x, eval: [mini, real]}\n")
+    zoo = load_zoo(zoo_file)
+    assert zoo.models[0].eval == ("mini", "real")
+    assert resolve_dataset(zoo, "real") == f"real=coco:{tmp_path / 'ann' / 'val.json'}:/abs/images"
+    mini = resolve_dataset(zoo, "mini", cache_dir=tmp_path / "cache")
+    ann = Path(mini.split(":")[1])
+    assert mini.startswith("mini=coco:") and ann.is_file() and json.loads(ann.read_text())["annotations"]
+    assert resolve_dataset(zoo, "mini", cache_dir=tmp_path / "cache") == mini  # generated once, then reused
 
 
 def test_sources_resolve(tmp_path):
