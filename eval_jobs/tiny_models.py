@@ -23,6 +23,20 @@ def _sam_parts(size: int) -> tuple[dict, dict, dict]:
     return vision, prompt, decoder
 
 
+def processor_for(config):
+    """The SAM / SAM-HQ processor matching a config's input size (1024 gives the
+    stock processor), so a model built from a config can be saved with one."""
+    from transformers import SamHQProcessor, SamImageProcessor, SamProcessor
+
+    size = int(config.vision_config.image_size)
+    cls = SamHQProcessor if config.model_type == "sam_hq" else SamProcessor
+    if size == 1024:
+        return cls(SamImageProcessor())
+    return cls(SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size},
+                                 mask_size={"longest_edge": size // 4},
+                                 mask_pad_size={"height": size // 4, "width": size // 4}))
+
+
 def build_model(kind: str, size: int = 128):
     """(model, processor) with the seed set by the caller."""
     from transformers import (Sam2Config, Sam2Model, SamConfig, SamHQConfig, SamHQModel, SamHQProcessor,
@@ -31,15 +45,13 @@ def build_model(kind: str, size: int = 128):
     if kind == "sam-vit-b":
         return SamModel(SamConfig()).eval(), SamProcessor(SamImageProcessor())
     vision, prompt, decoder = _sam_parts(size)
-    sam_ip = dict(size={"longest_edge": size}, pad_size={"height": size, "width": size},
-                  mask_size={"longest_edge": size // 4}, mask_pad_size={"height": size // 4, "width": size // 4})
     if kind == "sam":
         cfg = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-        return SamModel(cfg).eval(), SamProcessor(SamImageProcessor(**sam_ip))
+        return SamModel(cfg).eval(), processor_for(cfg)
     if kind == "sam_hq":
         cfg = SamHQConfig(vision_config=vision, prompt_encoder_config=prompt,
                           mask_decoder_config=dict(decoder, vit_dim=vision["hidden_size"]))
-        return SamHQModel(cfg).eval(), SamHQProcessor(SamImageProcessor(**sam_ip))
+        return SamHQModel(cfg).eval(), processor_for(cfg)
     if kind == "sam2":
         backbone = dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1,
                         image_size=[size, size], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],

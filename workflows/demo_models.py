@@ -18,6 +18,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 SEED = 0
+BUILD_VERSION = 2  # bump when a builder changes: cached builds are keyed by it
 
 
 def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, decoder_hidden: int):
@@ -25,7 +26,10 @@ def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, d
 
     vc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_dim=4 * hidden,
               image_size=image, patch_size=16, output_channels=out_ch,
-              global_attn_indexes=[layers - 1], window_size=4)
+              global_attn_indexes=[layers - 1], window_size=4,
+              # the prompt encoder's positional embedding has 2*num_pos_feats channels,
+              # which must equal the image embedding's: without this the model cannot run
+              num_pos_feats=out_ch // 2)
     return SamConfig(
         vision_config=vc,
         prompt_encoder_config=dict(hidden_size=out_ch, image_size=image, patch_size=16, mask_input_channels=4),
@@ -91,8 +95,8 @@ def build(name: str, cache_dir=None) -> Path:
 
         raise ZooError(f"unknown demo model {name!r}; known: {sorted(BUILDERS)}")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / f"{name}-seed{SEED}-torch{torch.__version__.split('+')[0]}"
-    if (out / "model.safetensors").is_file():
+    out = root / f"{name}-v{BUILD_VERSION}-seed{SEED}-torch{torch.__version__.split('+')[0]}"
+    if (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -102,6 +106,12 @@ def build(name: str, cache_dir=None) -> Path:
         model = BUILDERS[name]()
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        # the processor travels with the model: evaluation rebuilds both from the directory
+        from eval_jobs.tiny_models import processor_for
+
+        processor_for(model.config).save_pretrained(str(tmp))
+        if out.exists():  # an older build without a processor
+            shutil.rmtree(out, ignore_errors=True)
         try:
             os.replace(tmp, out)
         except OSError:  # another worker won the race: theirs is identical

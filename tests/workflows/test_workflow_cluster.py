@@ -107,7 +107,7 @@ def test_stored_checkpoint_decodes_like_local_compress(accept, seaweed, tmp_path
     for name, points in (("sam-tiny", [1600]), ("sam-hq-tiny", [1600])):
         prefix = models[name]["checkpoint_uri"][len(f"s3://{BUCKET}/"):]
         got = fetch_checkpoint(store, prefix, tmp_path / name / "fetched")
-        src = next((cache_dir / "demo-models").glob(f"{name}-seed0-*"))
+        src = next((cache_dir / "demo-models").glob(f"{name}-v*-seed0-*"))
         ref = _local_compress(src, tmp_path / name / "local", points)
         mine = json.loads((got / "manifest.json").read_text())
         assert {n: m["sha256"] for n, m in mine["tensors"].items()} == \
