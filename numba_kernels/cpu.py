@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from compressor import quant_primitives as qp
 
+from . import bitpack
 from .host import MAX_BITS as _MAX_BITS, check_U as _check_U, check_bits as _check_bits, check_points, f64 as _f64, n_real_y, trial_tables
 
 # Points per parallel work item: large enough to amortize scheduling, small
@@ -186,43 +187,23 @@ def _error_kernel(theta, lut_x, lut_y, px, py, pad_cols, ax, ay):
                 ay[i] = ey
 
 
+_pack_group = njit(cache=True)(bitpack.pack_group)
+_unpack_group = njit(cache=True)(bitpack.unpack_group)
+
+
 @njit(["void(uint16[::1], int64, uint8[::1])", "void(uint32[::1], int64, uint8[::1])"],
       parallel=True, cache=True)
 def _pack_kernel(theta, bits, out):
-    # 8 values of `bits` bits fill exactly `bits` bytes, so groups of 8 are independent
-    n = theta.shape[0]
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
-    for g in prange((n + 7) // 8):
-        acc = np.uint64(0)
-        nacc = 0
-        pos = g * bits
-        for i in range(g * 8, min(n, g * 8 + 8)):
-            acc |= (np.uint64(theta[i]) & mask) << np.uint64(nacc)
-            nacc += bits
-            while nacc >= 8:
-                out[pos] = np.uint8(acc & np.uint64(0xFF))
-                acc >>= np.uint64(8)
-                nacc -= 8
-                pos += 1
-        if nacc > 0:
-            out[pos] = np.uint8(acc & np.uint64(0xFF))
+    for g in prange((theta.shape[0] + 7) // 8):
+        _pack_group(theta, bits, mask, g, out)
 
 
 @njit("void(uint8[::1], int64, int64, uint32[::1])", parallel=True, cache=True)
 def _unpack_kernel(buf, n, bits, out):
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
     for g in prange((n + 7) // 8):
-        acc = np.uint64(0)
-        nacc = 0
-        pos = g * bits
-        for i in range(g * 8, min(n, g * 8 + 8)):
-            while nacc < bits:  # reads only bytes that hold bits of values < n
-                acc |= np.uint64(buf[pos]) << np.uint64(nacc)
-                pos += 1
-                nacc += 8
-            out[i] = np.uint32(acc & mask)
-            acc >>= np.uint64(bits)
-            nacc -= bits
+        _unpack_group(buf, n, bits, mask, g, out)
 
 
 # -- host wrappers (the backend API) --------------------------------------------

@@ -29,6 +29,7 @@ from numba.core import config as _numba_config
 
 from compressor import quant_primitives as qp
 
+from . import bitpack
 from .host import MAX_BITS as _MAX_BITS, check_U as _check_U, check_bits as _check_bits, check_points, f64 as _f64, n_real_y, trial_tables
 
 from ._compat import import_cuda
@@ -185,26 +186,17 @@ def _decode_kernel(theta, lut_x, lut_y, x, y):
         i += stride
 
 
+_pack_group = cuda.jit(device=True)(bitpack.pack_group)
+_unpack_group = cuda.jit(device=True)(bitpack.unpack_group)
+
+
 @cuda.jit(cache=True)
 def _pack_kernel(theta, bits, out):
-    n = theta.shape[0]
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
     g = cuda.grid(1)
     stride = cuda.gridsize(1)
-    while g < (n + 7) // 8:
-        acc = np.uint64(0)
-        nacc = 0
-        pos = g * bits
-        for i in range(g * 8, min(n, g * 8 + 8)):
-            acc |= (np.uint64(theta[i]) & mask) << np.uint64(nacc)
-            nacc += bits
-            while nacc >= 8:
-                out[pos] = np.uint8(acc & np.uint64(0xFF))
-                acc >>= np.uint64(8)
-                nacc -= 8
-                pos += 1
-        if nacc > 0:
-            out[pos] = np.uint8(acc & np.uint64(0xFF))
+    while g < (theta.shape[0] + 7) // 8:
+        _pack_group(theta, bits, mask, g, out)
         g += stride
 
 
@@ -214,17 +206,7 @@ def _unpack_kernel(buf, n, bits, out):
     g = cuda.grid(1)
     stride = cuda.gridsize(1)
     while g < (n + 7) // 8:
-        acc = np.uint64(0)
-        nacc = 0
-        pos = g * bits
-        for i in range(g * 8, min(n, g * 8 + 8)):
-            while nacc < bits:
-                acc |= np.uint64(buf[pos]) << np.uint64(nacc)
-                pos += 1
-                nacc += 8
-            out[i] = np.uint32(acc & mask)
-            acc >>= np.uint64(bits)
-            nacc -= bits
+        _unpack_group(buf, n, bits, mask, g, out)
         g += stride
 
 
