@@ -28,6 +28,7 @@ with the manifest before reading a byte of data. Every error is a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -176,6 +177,25 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _atomic_file(directory: str, name: str):
+    """Yield a temporary path in ``directory``; when the body returns (having
+    fsynced what it wrote) the file is renamed onto ``name`` and the directory
+    synced, and when it raises the temporary file is removed: readers only ever
+    see a whole file."""
+    tmp = _tmp_path(directory, name)
+    try:
+        yield tmp
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
 def _tmp_path(directory: str, name: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
@@ -310,22 +330,13 @@ def write_shard(directory, filename: str, tensors: Mapping[str, torch.Tensor]) -
     if _SAFETENSORS_METADATA in tensors:
         raise ConfigError(f"{_SAFETENSORS_METADATA!r} is reserved by safetensors and cannot name a tensor")
     data = {name: _as_torch(name, t) for name, t in tensors.items()}
-    tmp = _tmp_path(directory, filename)
-    try:
+    with _atomic_file(directory, filename) as tmp:
         save_file(data, tmp, metadata={"format": FORMAT_NAME})
         # safetensors creates files 0600; shards are shared data like the manifest
         os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         nbytes, digest = _hash_file(tmp)
-        os.replace(tmp, os.path.join(directory, filename))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
     return {"file": filename, "bytes": nbytes, "sha256": digest}
 
 
@@ -339,26 +350,16 @@ def copy_extra_file(src_path, directory, name: str) -> dict:
     src, _ = _open_regular(src_path, SourceError, "source file")
     h = hashlib.sha256()
     n = 0
-    tmp = _tmp_path(directory, name)
-    try:
-        with src, open(tmp, "wb") as dst:
-            while True:
-                chunk = src.read(_IO_CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-                n += len(chunk)
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    with _atomic_file(directory, name) as tmp, src, open(tmp, "wb") as dst:
+        while True:
+            chunk = src.read(_IO_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
     return {"bytes": n, "sha256": h.hexdigest()}
 
 
@@ -424,20 +425,10 @@ def write_manifest(directory, manifest: dict) -> None:
     path = os.path.join(directory, MANIFEST_NAME)
     raw = _canonical_json(manifest)
     _manifest_from_bytes(raw, path, _WRITE_LIMITS)
-    tmp = _tmp_path(directory, MANIFEST_NAME)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    with _atomic_file(directory, MANIFEST_NAME) as tmp, open(tmp, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # -- manifest validation -----------------------------------------------------------------

@@ -27,7 +27,7 @@ from numba import njit, prange
 from compressor import quant_primitives as qp
 
 from . import bitpack
-from .host import MAX_BITS as _MAX_BITS, check_U as _check_U, check_bits as _check_bits, check_points, f64 as _f64, n_real_y, trial_tables
+from .host import check_U as _check_U, check_points, f64 as _f64, n_real_y, pack_args, trial_tables, unpack_args
 
 # Points per parallel work item: large enough to amortize scheduling, small
 # enough to balance 2..64 threads on tensors of a few hundred thousand points.
@@ -313,10 +313,7 @@ def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
 
 def pack_bits(theta, bits) -> np.ndarray:
     """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
-    bits = _check_bits(bits)
-    theta = np.ascontiguousarray(theta).reshape(-1)
-    if theta.dtype not in (np.uint16, np.uint32):
-        theta = theta.astype(np.uint32)  # keeps the low 32 bits, as the reference does
+    theta, bits = pack_args(theta, bits)
     out = np.empty(qp.packed_nbytes(theta.shape[0], bits), dtype=np.uint8)
     _pack_kernel(theta, bits, out)
     return out
@@ -324,14 +321,7 @@ def pack_bits(theta, bits) -> np.ndarray:
 
 def unpack_bits(buf, n, bits) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``n`` values as uint32."""
-    bits = _check_bits(bits)
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
-    need = qp.packed_nbytes(n, bits)
-    if buf.shape[0] < need:
-        raise ValueError(f"bit stream of {buf.shape[0]} bytes is shorter than {need} for {n} values of {bits} bits")
+    buf, n, bits, need = unpack_args(buf, n, bits)
     out = np.empty(n, dtype=np.uint32)
     _unpack_kernel(buf, n, bits, out)
     return out

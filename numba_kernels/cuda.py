@@ -30,7 +30,7 @@ from numba.core import config as _numba_config
 from compressor import quant_primitives as qp
 
 from . import bitpack
-from .host import MAX_BITS as _MAX_BITS, check_U as _check_U, check_bits as _check_bits, check_points, f64 as _f64, n_real_y, trial_tables
+from .host import check_U as _check_U, check_points, f64 as _f64, n_real_y, pack_args, trial_tables, unpack_args
 
 from ._compat import import_cuda
 
@@ -311,10 +311,7 @@ def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
 
 def pack_bits(theta, bits) -> np.ndarray:
     """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
-    bits = _check_bits(bits)
-    theta = np.ascontiguousarray(theta).reshape(-1)
-    if theta.dtype not in (np.uint16, np.uint32):
-        theta = theta.astype(np.uint32)
+    theta, bits = pack_args(theta, bits)
     nbytes = qp.packed_nbytes(theta.shape[0], bits)
     if nbytes == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -326,14 +323,7 @@ def pack_bits(theta, bits) -> np.ndarray:
 
 def unpack_bits(buf, n, bits) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``n`` values as uint32."""
-    bits = _check_bits(bits)
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
-    need = qp.packed_nbytes(n, bits)
-    if buf.shape[0] < need:
-        raise ValueError(f"bit stream of {buf.shape[0]} bytes is shorter than {need} for {n} values of {bits} bits")
+    buf, n, bits, need = unpack_args(buf, n, bits)
     if n == 0:
         return np.empty(0, dtype=np.uint32)
     d_out = cuda.device_array(n, dtype=np.uint32)

@@ -60,3 +60,26 @@ def check_points(px, py, pad_cols) -> tuple[np.ndarray, np.ndarray, int]:
     if pad_cols < 0:
         raise ValueError(f"pad_cols must be >= 0, got {pad_cols}")
     return px, py, pad_cols
+
+
+def pack_args(theta, bits) -> tuple[np.ndarray, int]:
+    """Validated ``(theta, bits)`` for a packer: 1-D uint16/uint32 (other integer
+    types keep their low 32 bits, as the reference does)."""
+    bits = check_bits(bits)
+    theta = np.ascontiguousarray(theta).reshape(-1)
+    if theta.dtype not in (np.uint16, np.uint32):
+        theta = theta.astype(np.uint32)
+    return theta, bits
+
+
+def unpack_args(buf, n, bits) -> tuple[np.ndarray, int, int, int]:
+    """Validated ``(buf, n, bits, needed bytes)`` for an unpacker."""
+    bits = check_bits(bits)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    need = qp.packed_nbytes(n, bits)
+    if buf.shape[0] < need:
+        raise ValueError(f"bit stream of {buf.shape[0]} bytes is shorter than {need} for {n} values of {bits} bits")
+    return buf, n, bits, need
