@@ -18,9 +18,10 @@ per thread and dtype, as large as the largest layer seen, shared by every layer;
 CUDA: torch's caching allocator, freed after the matmul). The fused paths use none.
 
 Backends (per layer, :meth:`HyperLinear.set_backend`): ``reference`` (torch
-gather + ``F.linear``; any device), ``numba-cpu`` (@njit decode split over threads + torch
-matmul; measured faster than the fused @njit kernel at every token count, see
-``docs/BENCHMARKS.md (HyperLinear section)``), ``numba-cuda`` (fused warp-per-row kernel up to
+gather + ``F.linear``; any device), ``numba-cpu`` (up to ``CPU_FUSED_MAX_TOKENS`` tokens: a
+serial GIL-free fused @njit kernel, ``numba_kernels.hyperlinear_cpu.fused_rows``, over row
+blocks on a small thread pool; above: @njit decode split over the same threads + torch
+matmul; see ``docs/BENCHMARKS.md (HyperLinear section)``), ``numba-cuda`` (fused warp-per-row kernel up to
 ``CUDA_FUSED_MAX_TOKENS`` tokens, decode + tensor-core matmul above), ``auto``
 (by device, dtype and token count; logs each choice once). An explicit backend
 that cannot run raises :class:`BackendUnavailableError`.
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 HYPERLINEAR_VERSION = 1
 CUDA_FUSED_MAX_TOKENS = 16  # the fused kernel's per-thread accumulators (numba_kernels.hyperlinear_cuda.MAX_TOKENS)
+# CPU: fused decode-and-dot up to this many tokens, decode + torch matmul above. Measured
+# on 2 cores for the six SAM shapes: fused faster than decode + matmul at 1..32 tokens on
+# every shape, slower at 64 for 5120->1280 (docs/BENCHMARKS.md (HyperLinear section))
+CPU_FUSED_MAX_TOKENS = 32
 UINT16_CODES = 1 << 16
 
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
@@ -154,22 +159,54 @@ _pool_lock = threading.Lock()
 _MIN_PARALLEL_WEIGHTS = 1 << 16
 
 
-def _cpu_decode(k, theta: np.ndarray, lx: np.ndarray, ly: np.ndarray, out: np.ndarray) -> None:
-    """Split the rows over ``torch.get_num_threads()`` threads (the kernel releases
-    the GIL), the caller's thread taking one share."""
-    global _pool
+def _cpu_threads(rows: int, weights: int) -> int:
+    """How many threads share a CPU kernel call: ``torch.get_num_threads()``, or 1
+    for a layer too small to split."""
     n = torch.get_num_threads()
-    rows = theta.shape[0]
-    if n <= 1 or out.size < _MIN_PARALLEL_WEIGHTS or rows < 2 * n:
-        k.decode_rows(theta, lx, ly, out)
-        return
+    if n <= 1 or weights < _MIN_PARALLEL_WEIGHTS or rows < 2 * n:
+        return 1
+    return n
+
+
+def _cpu_pool(n: int) -> ThreadPoolExecutor:
+    global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < n - 1:
             _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hyperlinear-decode")
-        pool = _pool
+        return _pool
+
+
+def _cpu_decode(k, theta: np.ndarray, lx: np.ndarray, ly: np.ndarray, out: np.ndarray) -> None:
+    """Split the rows over ``torch.get_num_threads()`` threads (the kernel releases
+    the GIL), the caller's thread taking one share."""
+    rows = theta.shape[0]
+    n = _cpu_threads(rows, out.size)
+    if n == 1:
+        k.decode_rows(theta, lx, ly, out)
+        return
+    pool = _cpu_pool(n)
     bounds = [rows * i // n for i in range(n + 1)]
     futs = [pool.submit(k.decode_rows, theta[a:b], lx, ly, out[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
     k.decode_rows(theta[: bounds[1]], lx, ly, out[: bounds[1]])
+    for f in futs:
+        f.result()
+
+
+_NO_BIAS = np.zeros(0, dtype=np.float32)
+
+
+def _cpu_fused(k, x: np.ndarray, theta: np.ndarray, lut_xy: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """``out = x W^T + bias`` by :func:`fused_rows` over contiguous row blocks, one per
+    thread (the caller's thread taking the first); no workspace, no OpenMP."""
+    rows = theta.shape[0]
+    n = _cpu_threads(rows, rows * x.shape[1])
+    if n == 1:
+        k.fused_rows(x, theta, lut_xy, bias, out, 0, rows)
+        return
+    pool = _cpu_pool(n)
+    bounds = [rows * i // n for i in range(n + 1)]
+    futs = [pool.submit(k.fused_rows, x, theta, lut_xy, bias, out, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    k.fused_rows(x, theta, lut_xy, bias, out, 0, bounds[1])
     for f in futs:
         f.result()
 
@@ -324,6 +361,16 @@ class HyperLinear(nn.Module):
             hit = self._luts[key] = (tab[0], tab[1])
         return hit
 
+    def _pair_table(self, dtype: torch.dtype) -> np.ndarray:
+        """The CPU fused kernel's table: ``lut(dtype)`` widened to float32, ``(x, y)``
+        interleaved, as int64 bit patterns (cached like the tables)."""
+        key = ("pairs", dtype)
+        hit = self._luts.get(key)
+        if hit is None:
+            lx, ly = self.lut(dtype, "cpu")
+            hit = self._luts[key] = _cpu_kernels().pair_table(lx.float().numpy(), ly.float().numpy())
+        return hit
+
     def dequantize(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """The reference decode: ``W [out, in]`` (default: the source dtype, on the
         indices' device), equal to ``CompressedTensor.decode()``."""
@@ -354,7 +401,7 @@ class HyperLinear(nn.Module):
         return self
 
     def _choose(self, x: torch.Tensor, tokens: int) -> str:
-        """``reference``, ``cpu-decode``, ``cuda-fused`` or ``cuda-decode``."""
+        """``reference``, ``cpu-fused``, ``cpu-decode``, ``cuda-fused`` or ``cuda-decode``."""
         b = self.backend
         is_cuda = x.device.type == "cuda"
         if b == Backend.REFERENCE.value:
@@ -362,25 +409,30 @@ class HyperLinear(nn.Module):
         if b == Backend.NUMBA_CPU.value:
             if x.device.type != "cpu":
                 raise BackendUnavailableError(f"{self.name}: numba-cpu backend got a {x.device.type} input")
-            return "cpu-decode"
+            return _cpu_path(x, tokens)
         if b == Backend.NUMBA_CUDA.value:
             if not is_cuda:
                 raise BackendUnavailableError(f"{self.name}: numba-cuda backend got a {x.device.type} input")
             return "cuda-fused" if tokens <= CUDA_FUSED_MAX_TOKENS else "cuda-decode"
         # auto
-        small = tokens <= CUDA_FUSED_MAX_TOKENS
         if x.device.type == "cpu":
+            small = tokens <= CPU_FUSED_MAX_TOKENS
             ok, why = numba_cpu_status()
-            path = "cpu-decode" if ok else "reference"
+            path = _cpu_path(x, tokens) if ok else "reference"
+            limit = CPU_FUSED_MAX_TOKENS
         elif is_cuda:
+            small, limit = tokens <= CUDA_FUSED_MAX_TOKENS, CUDA_FUSED_MAX_TOKENS
             ok, why = numba_cuda_status()
             path = ("cuda-fused" if small else "cuda-decode") if ok else "reference"
         else:
+            small, limit = tokens <= CUDA_FUSED_MAX_TOKENS, CUDA_FUSED_MAX_TOKENS
             ok, why, path = False, f"no numba kernels for device {x.device.type}", "reference"
+        if x.dtype == torch.float64 and x.device.type == "cpu" and small and path == "cpu-decode":
+            why = "fp64 input: the fused kernel accumulates in fp32"
         if x.dtype == torch.float64 and path.startswith("cuda-fused"):
             path, why = "cuda-decode", "fp64 input: the fused kernel accumulates in fp32"
         _log_once((x.device.type, x.dtype, small), "HyperLinear auto backend: %s for %s %s inputs with %s tokens (%s)",
-                  path, x.device.type, x.dtype, "<=16" if small else ">16", why)
+                  path, x.device.type, x.dtype, f"<={limit}" if small else f">{limit}", why)
         return path
 
     # -- forward ----------------------------------------------------------------------
@@ -396,6 +448,12 @@ class HyperLinear(nn.Module):
 
 
 @torch.compiler.disable  # numba kernels are opaque to dynamo: a graph break, not a crash
+def _cpu_path(x: torch.Tensor, tokens: int) -> str:
+    """numba-cpu: the fused kernel for a few tokens (fp32 accumulation, so not for
+    fp64 inputs), decode + torch matmul above."""
+    return "cpu-fused" if tokens <= CPU_FUSED_MAX_TOKENS and x.dtype != torch.float64 else "cpu-decode"
+
+
 def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != m.in_features:
         raise HyperLinearError(f"{m.name}: input has {x.shape[-1]} features, layer expects {m.in_features}")
@@ -409,8 +467,19 @@ def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
     path = m._choose(x, tokens)
     if path == "reference":
         return F.linear(x, m.dequantize(dtype, x.device), bias)
-    # a workspace that autograd would save must not be reused
+    # a workspace that autograd would save must not be reused; the fused kernels have no backward
     needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if path == "cpu-fused" and needs_grad:
+        path = "cpu-decode"
+    if path == "cpu-fused":
+        # like cuda-fused: fp32 operands (the dtype's decoded weights, widened), fp32
+        # accumulation and bias, one cast of the output
+        k = _cpu_kernels()
+        x2 = x.detach().reshape(tokens, m.in_features).to(torch.float32).contiguous()
+        out = torch.empty(tokens, m.out_features, dtype=torch.float32)
+        b32 = _NO_BIAS if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
+        _cpu_fused(k, x2.numpy(), m.theta.numpy(), m._pair_table(dtype), b32, out.numpy())
+        return out.to(dtype).reshape(*x.shape[:-1], m.out_features)
     ivt = _INT_VIEW[dtype]
     lx, ly = m.lut(dtype, x.device)
     if path == "cpu-decode":

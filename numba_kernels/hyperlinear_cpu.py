@@ -1,6 +1,6 @@
 """Numba CPU kernels of HyperLinear (``compressor/hyperlinear.py``).
 
-Two kernels, both reading the ``[out, ceil(in/2)]`` index matrix ``theta`` and the
+Three kernels, all reading the ``[out, ceil(in/2)]`` index matrix ``theta`` and the
 decode tables of ``quant_primitives.decode_lut``:
 
 * :func:`decode_rows` (serial, ``nogil``) gathers the weight ``W [out, in]`` into a caller-owned
@@ -8,9 +8,14 @@ decode tables of ``quant_primitives.decode_lut``:
   compute dtype and viewed as integers of the same width (int16 for fp16/bf16,
   int32 for fp32), so one kernel serves every dtype and ``W`` equals the
   table cast to that dtype, bit for bit. ``torch``'s matmul then does the product.
-* :func:`fused_linear` computes ``y = x W^T`` for a few tokens without a ``W``
-  workspace: each row of ``W`` is decoded into a small per-thread buffer (fits in
-  L1) and dotted with every token. fp32 in, fp32 accumulate, fp32 out.
+* :func:`fused_rows` (serial, ``nogil``, explicit signatures) computes
+  ``y[:, r0:r1] = x W[r0:r1]^T + b`` for a few tokens without a ``W`` workspace,
+  decoding blocks of rows through an interleaved pair table (:func:`pair_table`).
+  HyperLinear's CPU path for <= ``CPU_FUSED_MAX_TOKENS`` tokens, one row range per
+  thread of its small thread pool. fp32 in, fp32 accumulate, fp32 out.
+* :func:`fused_linear`: the same product with ``prange`` (numba's OpenMP layer). Not
+  used by HyperLinear: next to torch's OpenMP pool on 2 cores it measured 12 ms
+  instead of 0.3 ms per call; kept for ``benchmarks/bench_hyperlinear.py --fused-cpu``.
 
 Indices are trusted here: HyperLinear validates ``theta < U*(K+1)`` once when it
 is built, so the hot loops carry no bounds checks.
@@ -73,3 +78,90 @@ def fused_linear(x, theta, lut_x, lut_y, out):
             for c in range(n_in):
                 acc += xr[c] * w[c]
             out[tok, i] = acc
+
+
+
+_FUSED_ROWS_SIGS = [
+    "void(float32[:, ::1], {0}[:, ::1], int64[::1], float32[::1], float32[:, ::1], int64, int64)".format(t)
+    for t in ("uint16", "int32")
+]
+ROW_BLOCK = 4  # rows decoded together: one load of x feeds ROW_BLOCK multiply-adds
+
+
+@njit(_FUSED_ROWS_SIGS, cache=True, nogil=True, fastmath=True, boundscheck=False)
+def fused_rows(x, theta, lut_xy, bias, out, r0, r1):
+    """``out[t, i] = sum_c x[t, c] * W[i, c] (+ bias[i])`` for rows ``r0 <= i < r1``.
+
+    Serial and GIL-free (no ``prange``): HyperLinear splits the rows over its small
+    Python thread pool, as for :func:`decode_rows`. ``lut_xy`` is the pair table:
+    float32 ``(lut_x[k], lut_y[k])`` interleaved and viewed as one int64 per code
+    (:func:`pair_table`), so decoding a pair of weights is one 8-byte load and one
+    store (half the cost of two tables). ``ROW_BLOCK`` rows of ``W`` are decoded
+    into a small buffer (L1-sized), then each decoded block is used for every
+    token, four rows per load of ``x``.
+
+    ``x``: float32 ``[T, in]``; ``bias``: float32 ``[out]`` or empty (no bias);
+    ``out``: float32 ``[T, out]``, only columns ``r0:r1`` written. fp32
+    accumulation; ``fastmath`` only reassociates the sums (vectorized)."""
+    n_tok = x.shape[0]
+    n_in = x.shape[1]
+    pairs = theta.shape[1]
+    stride = 2 * pairs
+    has_bias = bias.shape[0] > 0
+    w64 = np.empty(ROW_BLOCK * pairs, dtype=np.int64)
+    wf = w64.view(np.float32)  # row r: wf[r*stride : r*stride + n_in] (an odd in ignores the pad)
+    i = r0
+    while i < r1:
+        nb = min(ROW_BLOCK, r1 - i)
+        for r in range(nb):
+            t_row = theta[i + r]
+            base = r * pairs
+            for j in range(pairs):
+                w64[base + j] = lut_xy[np.int64(t_row[j])]
+        if nb == ROW_BLOCK:
+            w0 = wf[0:n_in]
+            w1 = wf[stride:stride + n_in]
+            w2 = wf[2 * stride:2 * stride + n_in]
+            w3 = wf[3 * stride:3 * stride + n_in]
+            for tok in range(n_tok):
+                xr = x[tok]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for c in range(n_in):
+                    xv = xr[c]
+                    a0 += xv * w0[c]
+                    a1 += xv * w1[c]
+                    a2 += xv * w2[c]
+                    a3 += xv * w3[c]
+                if has_bias:
+                    a0 += bias[i]
+                    a1 += bias[i + 1]
+                    a2 += bias[i + 2]
+                    a3 += bias[i + 3]
+                o = out[tok]
+                o[i] = a0
+                o[i + 1] = a1
+                o[i + 2] = a2
+                o[i + 3] = a3
+        else:
+            for r in range(nb):
+                wr = wf[r * stride:r * stride + n_in]
+                for tok in range(n_tok):
+                    xr = x[tok]
+                    acc = np.float32(0.0)
+                    for c in range(n_in):
+                        acc += xr[c] * wr[c]
+                    if has_bias:
+                        acc += bias[i + r]
+                    out[tok, i + r] = acc
+        i += nb
+
+
+def pair_table(lut_x: np.ndarray, lut_y: np.ndarray) -> np.ndarray:
+    """The :func:`fused_rows` table: float32 ``(lut_x[k], lut_y[k])`` pairs as int64 bit patterns."""
+    xy = np.empty((lut_x.shape[0], 2), dtype=np.float32)
+    xy[:, 0] = lut_x
+    xy[:, 1] = lut_y
+    return xy.view(np.int64).reshape(-1)

@@ -185,7 +185,7 @@ def test_auto_logs_its_choice_once(caplog):
         for _ in range(3):
             hl(torch.randn(2, 6))
     msgs = [r.getMessage() for r in caplog.records if "auto backend" in r.getMessage()]
-    assert len(msgs) == 1 and "cpu-decode" in msgs[0]
+    assert len(msgs) == 1 and "cpu-fused" in msgs[0]
 
 
 def test_no_grad_inference_mode_and_autograd_wrt_input():
@@ -216,3 +216,68 @@ def test_torch_compile_runs():
         ref = model(x)
         got = torch.compile(model)(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def _no_decode(*args, **kwargs):
+    raise AssertionError("the decode path ran; the fused path was expected")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f", [33, 64, 701])  # 701: 96x701 weights, split over the thread pool
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(1,), (16,), (1, 1), (2, 8)])
+def test_cpu_fused_matches_dequantized_reference(monkeypatch, dtype, in_f, bias, lead):
+    import compressor.hyperlinear as hlmod
+
+    monkeypatch.setattr(hlmod, "_cpu_decode", _no_decode)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # exercise the row split even on one core
+    out_f = 96 if in_f == 701 else 19
+    _, hl = _layer(out_f, in_f, bias=bias)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*lead, in_f, generator=g).to(dtype)
+    assert hl._choose(x, x.numel() // in_f) == "cpu-fused"
+    with torch.inference_mode():
+        y = hl(x)
+    assert y.shape == (*lead, out_f) and y.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.to(torch.float32), _expected(hl, x), rtol=rtol, atol=atol)
+    hl.set_backend("numba-cpu")  # the explicit CPU backend takes the same path at few tokens
+    torch.testing.assert_close(hl(x), y, rtol=0, atol=0)
+
+
+def test_auto_cpu_path_by_token_count():
+    import compressor.hyperlinear as hlmod
+
+    _, hl = _layer(8, 10)
+    assert hl._choose(torch.randn(1, 10), 1) == "cpu-fused"
+    assert hl._choose(torch.randn(16, 10), 16) == "cpu-fused"
+    limit = hlmod.CPU_FUSED_MAX_TOKENS
+    assert hl._choose(torch.randn(limit, 10), limit) == "cpu-fused"
+    assert hl._choose(torch.randn(limit + 1, 10), limit + 1) == "cpu-decode"
+    # fp64 inputs keep fp64 accumulation: decode + matmul
+    assert hl._choose(torch.randn(1, 10, dtype=torch.float64), 1) == "cpu-decode"
+    hl.set_backend("reference")
+    assert hl._choose(torch.randn(1, 10), 1) == "reference"
+
+
+def test_cpu_fused_falls_back_to_decode_for_autograd():
+    _, hl = _layer(8, 10)
+    x = torch.randn(1, 10, requires_grad=True)
+    y = hl(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, hl.dequantize().sum(0, keepdim=True), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f,bias", [(33, True), (64, False)])
+def test_cpu_decode_path_at_few_tokens(monkeypatch, dtype, in_f, bias):
+    """The decode + matmul path stays exact below the fused threshold too."""
+    import compressor.hyperlinear as hlmod
+
+    monkeypatch.setattr(hlmod, "CPU_FUSED_MAX_TOKENS", 0)
+    _, hl = _layer(19, in_f, bias=bias, backend="numba-cpu")
+    x = torch.randn(2, 3, in_f).to(dtype)
+    assert hl._choose(x, 6) == "cpu-decode"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(hl(x).to(torch.float32), _expected(hl, x), rtol=rtol, atol=atol)

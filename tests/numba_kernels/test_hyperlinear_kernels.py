@@ -48,3 +48,41 @@ def test_fused_linear_matches_numpy(n_tok, n_in):
     k.fused_linear(x, theta, lx, ly, out)
     ref = x.astype(np.float64) @ _numpy_decode(theta, lx, ly, n_in).astype(np.float64).T
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tok", [1, 5, 16])
+@pytest.mark.parametrize("n_in", [1, 7, 8, 65])
+@pytest.mark.parametrize("tdtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_rows_matches_numpy(n_tok, n_in, tdtype, with_bias):
+    rows = 11  # two full blocks of ROW_BLOCK rows and a partial one
+    n_codes = 70000 if tdtype == np.int32 else 6400
+    theta, lx, ly = _case(rows, n_in, n_codes, tdtype, seed=n_in)
+    lx, ly = lx.astype(np.float32), ly.astype(np.float32)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32) if with_bias else np.zeros(0, np.float32)
+    ref = x.astype(np.float64) @ _numpy_decode(theta, lx, ly, n_in).astype(np.float64).T
+    if with_bias:
+        ref += bias
+    table = k.pair_table(lx, ly)
+    out = np.full((n_tok, rows), np.nan, np.float32)
+    k.fused_rows(x, theta, table, bias, out, 0, rows)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    # row ranges (one per thread) write only their own columns
+    part = np.full((n_tok, rows), np.nan, np.float32)
+    k.fused_rows(x, theta, table, bias, part, 3, 9)
+    np.testing.assert_allclose(part[:, 3:9], ref[:, 3:9], rtol=1e-4, atol=1e-5)
+    assert np.isnan(part[:, :3]).all() and np.isnan(part[:, 9:]).all()
+    k.fused_rows(x, theta, table, bias, part, 0, 3)
+    k.fused_rows(x, theta, table, bias, part, 9, rows)
+    assert np.array_equal(part, out)
+
+
+def test_pair_table_interleaves_float32_bits():
+    lx = np.array([1.5, -2.0, 3.25], np.float32)
+    ly = np.array([0.5, 7.0, -1.0], np.float32)
+    t = k.pair_table(lx, ly)
+    assert t.dtype == np.int64 and t.shape == (3,)
+    pairs = t.view(np.float32).reshape(3, 2)
+    assert np.array_equal(pairs[:, 0], lx) and np.array_equal(pairs[:, 1], ly)
