@@ -96,7 +96,9 @@ def build(name: str, cache_dir=None) -> Path:
         raise ZooError(f"unknown demo model {name!r}; known: {sorted(BUILDERS)}")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / f"{name}-v{BUILD_VERSION}-seed{SEED}-torch{torch.__version__.split('+')[0]}"
-    if (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file():
+    # `out` only ever appears by renaming a complete build onto it (and BUILD_VERSION in
+    # its name keeps older builds apart), so its existence means it is complete
+    if (out / "model.safetensors").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -110,8 +112,6 @@ def build(name: str, cache_dir=None) -> Path:
         from eval_jobs.tiny_models import processor_for
 
         processor_for(model.config).save_pretrained(str(tmp))
-        if out.exists():  # an older build without a processor
-            shutil.rmtree(out, ignore_errors=True)
         try:
             os.replace(tmp, out)
         except OSError:  # another worker won the race: theirs is identical

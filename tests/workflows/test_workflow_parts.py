@@ -279,3 +279,17 @@ def test_s3_sources_download_once_per_node(seaweed, tiny_sam, tmp_path):
 
     with pytest.raises(SourceError, match="no such object"):
         resolve_source("s3://birkhoff/sources/absent", cache_dir=tmp_path, s3_endpoint_url=seaweed.endpoint)
+
+
+def test_demo_model_built_once_with_its_processor(tmp_path):
+    """Workers share the build: a second call reuses the directory, never rebuilds or removes it."""
+    from transformers import AutoProcessor
+
+    from workflows import demo_models
+
+    first = demo_models.build("sam-tiny", tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    again = demo_models.build("sam-tiny", tmp_path)
+    assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert AutoProcessor.from_pretrained(str(first)) is not None  # evaluation needs it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
