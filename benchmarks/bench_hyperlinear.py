@@ -70,7 +70,7 @@ def _repeats(tokens, in_f, out_f, device):
     return max(3, min(50, int(2e10 / max(flops, 1))))
 
 
-def bench_layers(device, dtype, tokens_list, shapes, fused_cpu: bool):
+def bench_layers(device, dtype, tokens_list, shapes):
     run = _timer(device)
     rows = []
     for in_f, out_f in shapes:
@@ -89,13 +89,6 @@ def bench_layers(device, dtype, tokens_list, shapes, fused_cpu: bool):
                     "hyper": lambda: hl(x),
                     "deq": lambda: F.linear(x, hl.dequantize(dtype), bd),
                 }
-                if fused_cpu and device.type == "cpu" and dtype == torch.float32 and tokens <= 16:
-                    from numba_kernels import hyperlinear_cpu as k
-
-                    lx, ly = hl.lut(torch.float32)
-                    out = torch.empty(tokens, out_f)
-                    fns["fused"] = lambda: (k.fused_linear(x.numpy(), hl.theta.numpy(), lx.numpy(), ly.numpy(),
-                                                           out.numpy()), out.add_(bd))
                 res = {}
                 for name, fn in fns.items():
                     fn()  # warm-up: compile, workspace, cuBLAS heuristics
@@ -138,7 +131,6 @@ def main(argv=None):
     ap.add_argument("--tokens", default="1,16,4096,16384")
     ap.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SAM_SHAPES), help="in x out, comma-separated")
     ap.add_argument("--threads", type=int, default=None, help="torch and numba CPU threads")
-    ap.add_argument("--fused-cpu", action="store_true", help="also time the fused @njit kernel (fp32, <=16 tokens)")
     ap.add_argument("--encoder", action="store_true", help="SAM ViT-B image encoder end to end (1024x1024)")
     ap.add_argument("--encoder-only", action="store_true")
     ap.add_argument("--encoder-repeats", type=int, default=3)
@@ -159,15 +151,12 @@ def main(argv=None):
     if not args.encoder_only:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         tokens = [int(t) for t in args.tokens.split(",")]
-        rows = bench_layers(device, dtype, tokens, shapes, args.fused_cpu)
-        extra = " | fused @njit (us)" if args.fused_cpu else ""
-        print(f"| in -> out | tokens | torch linear (us) | HyperLinear (us) | ratio | dequantize()+matmul (us) | ratio{extra} |")
-        print("|---|---|---|---|---|---|---|" + ("---|" if args.fused_cpu else ""))
+        rows = bench_layers(device, dtype, tokens, shapes)
+        print("| in -> out | tokens | torch linear (us) | HyperLinear (us) | ratio | dequantize()+matmul (us) | ratio |")
+        print("|---|---|---|---|---|---|---|")
         for in_f, out_f, t, r in rows:
             line = (f"| {in_f} -> {out_f} | {t} | {r['torch']:.0f} | {r['hyper']:.0f} | {r['hyper'] / r['torch']:.2f}x "
                     f"| {r['deq']:.0f} | {r['deq'] / r['torch']:.2f}x |")
-            if args.fused_cpu:
-                line += f" {r['fused']:.0f} |" if "fused" in r else " - |"
             print(line)
     if args.encoder or args.encoder_only:
         n, secs, res = bench_encoder(device, dtype, args.encoder_repeats)

@@ -1,6 +1,6 @@
 """Numba CPU kernels of HyperLinear (``compressor/hyperlinear.py``).
 
-Three kernels, all reading the ``[out, ceil(in/2)]`` index matrix ``theta`` and the
+Two kernels, both reading the ``[out, ceil(in/2)]`` index matrix ``theta`` and the
 decode tables of ``quant_primitives.decode_lut``:
 
 * :func:`decode_rows` (serial, ``nogil``) gathers the weight ``W [out, in]`` into a caller-owned
@@ -13,9 +13,10 @@ decode tables of ``quant_primitives.decode_lut``:
   decoding blocks of rows through an interleaved pair table (:func:`pair_table`).
   HyperLinear's CPU path for <= ``CPU_FUSED_MAX_TOKENS`` tokens, one row range per
   thread of its small thread pool. fp32 in, fp32 accumulate, fp32 out.
-* :func:`fused_linear`: the same product with ``prange`` (numba's OpenMP layer). Not
-  used by HyperLinear: next to torch's OpenMP pool on 2 cores it measured 12 ms
-  instead of 0.3 ms per call; kept for ``benchmarks/bench_hyperlinear.py --fused-cpu``.
+
+Neither uses ``prange``: next to torch's OpenMP pool on 2 cores a ``prange`` version
+of the product measured 12 ms instead of 0.3 ms per call, so the threads are a
+small Python pool over GIL-free kernels instead.
 
 Indices are trusted here: HyperLinear validates ``theta < U*(K+1)`` once when it
 is built, so the hot loops carry no bounds checks.
@@ -24,7 +25,7 @@ is built, so the hot loops carry no bounds checks.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -49,36 +50,6 @@ def decode_rows(theta, lut_x, lut_y, out):
             o_row[2 * j + 1] = lut_y[t]
         if odd:
             o_row[n_in - 1] = lut_x[np.int64(t_row[full])]
-
-
-@njit(parallel=True, cache=True, nogil=True, fastmath=True, boundscheck=False)
-def fused_linear(x, theta, lut_x, lut_y, out):
-    """``out[t, i] = sum_c x[t, c] * W[i, c]`` with ``W`` decoded row by row.
-
-    ``x``: float32 ``[T, in]``; ``lut_*``: float32; ``out``: float32 ``[T, out]``.
-    ``fastmath`` lets the dot products vectorize (reassociation only; the result
-    stays within fp32 rounding of the exact sum)."""
-    n_tok = x.shape[0]
-    n_in = x.shape[1]
-    rows = theta.shape[0]
-    full = n_in // 2
-    odd = n_in - 2 * full
-    for i in prange(rows):
-        w = np.empty(n_in, dtype=np.float32)
-        t_row = theta[i]
-        for j in range(full):
-            t = np.int64(t_row[j])
-            w[2 * j] = lut_x[t]
-            w[2 * j + 1] = lut_y[t]
-        if odd:
-            w[n_in - 1] = lut_x[np.int64(t_row[full])]
-        for tok in range(n_tok):
-            xr = x[tok]
-            acc = np.float32(0.0)
-            for c in range(n_in):
-                acc += xr[c] * w[c]
-            out[tok, i] = acc
-
 
 
 _FUSED_ROWS_SIGS = [

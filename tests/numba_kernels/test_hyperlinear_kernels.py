@@ -39,17 +39,6 @@ def test_decode_rows_copies_bit_patterns(n_in, tdtype, fdtype, idtype):
                           else np.ascontiguousarray(expected).view(idtype))
 
 
-@pytest.mark.parametrize("n_tok,n_in", [(1, 7), (3, 8), (16, 65)])
-def test_fused_linear_matches_numpy(n_tok, n_in):
-    theta, lx, ly = _case(9, n_in, 6400, np.uint16, seed=n_tok)
-    lx, ly = lx.astype(np.float32), ly.astype(np.float32)
-    x = np.random.default_rng(5).standard_normal((n_tok, n_in)).astype(np.float32)
-    out = np.zeros((n_tok, 9), np.float32)
-    k.fused_linear(x, theta, lx, ly, out)
-    ref = x.astype(np.float64) @ _numpy_decode(theta, lx, ly, n_in).astype(np.float64).T
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("n_tok", [1, 5, 16])
 @pytest.mark.parametrize("n_in", [1, 7, 8, 65])
 @pytest.mark.parametrize("tdtype", [np.uint16, np.int32])
