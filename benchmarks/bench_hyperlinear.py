@@ -3,10 +3,18 @@
     python benchmarks/bench_hyperlinear.py --device cpu --dtype fp32 --threads 2
     python benchmarks/bench_hyperlinear.py --device cuda --dtype bf16
     python benchmarks/bench_hyperlinear.py --device cuda --dtype bf16 --encoder   # SAM ViT-B image encoder
+    python benchmarks/bench_hyperlinear.py --device cuda --dtype bf16 --tokens 1,16 --pipelined --graphs
 
 Prints markdown tables (times in microseconds, medians) with the device and date,
 ready for docs/BENCHMARKS.md (HyperLinear section). Weights are SAM-init-like N(0, 0.02) with
 a few outliers, compressed with the default config.
+
+On a GPU the main columns are per-call latency (CUDA events around one call, then
+a sync: host launch cost included, as a single layer call sees it). ``--pipelined``
+adds the time per call of 50 calls issued back to back (what a model's layers see
+when the host keeps ahead of the GPU; where it is far below the latency, the call
+is host-bound), ``--graphs`` the time per replay of the call captured in a CUDA
+graph (no host launch cost at all; a failed capture is reported, not fatal).
 """
 
 from __future__ import annotations
@@ -56,6 +64,34 @@ def _timer(device):
     return run
 
 
+def _pipelined(device, fn, calls=50):
+    """Time per call of ``calls`` calls issued back to back, one sync at the end."""
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) * 1e6 / calls
+
+
+def _graphed(device, fn, replays=50):
+    """Time per replay of ``fn`` captured in a CUDA graph, or the capture's error."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up on the capture stream (caches, workspaces)
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        return _pipelined(device, graph.replay, replays)
+    except Exception as exc:  # report, keep benchmarking the rest
+        return f"capture failed: {type(exc).__name__}: {exc}"
+
+
 def _weight(in_f, out_f, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g) * 0.02
@@ -70,7 +106,7 @@ def _repeats(tokens, in_f, out_f, device):
     return max(3, min(50, int(2e10 / max(flops, 1))))
 
 
-def bench_layers(device, dtype, tokens_list, shapes):
+def bench_layers(device, dtype, tokens_list, shapes, pipelined=False, graphs=False):
     run = _timer(device)
     rows = []
     for in_f, out_f in shapes:
@@ -93,10 +129,26 @@ def bench_layers(device, dtype, tokens_list, shapes):
                 for name, fn in fns.items():
                     fn()  # warm-up: compile, workspace, cuBLAS heuristics
                     res[name] = run(fn, reps)
+                    if device.type == "cuda" and pipelined and name != "deq":
+                        res[name + "_pipe"] = _pipelined(device, fn)
+                    if device.type == "cuda" and graphs and name != "deq":
+                        res[name + "_graph"] = _graphed(device, fn)
             rows.append((in_f, out_f, tokens, res))
-            print(f"  {in_f}->{out_f} T={tokens}: " + ", ".join(f"{k}={v:.0f}us" for k, v in res.items()),
+            print(f"  {in_f}->{out_f} T={tokens}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in res.items()),
                   file=sys.stderr, flush=True)
     return rows
+
+
+def _fmt(v):
+    return f"{v:.0f}us" if isinstance(v, float) else str(v)
+
+
+def _cell(v):
+    return f"{v:.1f}" if isinstance(v, float) else "failed"
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
 
 
 def bench_encoder(device, dtype, repeats):
@@ -134,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--encoder", action="store_true", help="SAM ViT-B image encoder end to end (1024x1024)")
     ap.add_argument("--encoder-only", action="store_true")
     ap.add_argument("--encoder-repeats", type=int, default=3)
+    ap.add_argument("--pipelined", action="store_true", help="CUDA: also time 50 calls issued back to back")
+    ap.add_argument("--graphs", action="store_true", help="CUDA: also time CUDA-graph replays of each call")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -151,13 +205,22 @@ def main(argv=None):
     if not args.encoder_only:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         tokens = [int(t) for t in args.tokens.split(",")]
-        rows = bench_layers(device, dtype, tokens, shapes)
+        rows = bench_layers(device, dtype, tokens, shapes, args.pipelined, args.graphs)
         print("| in -> out | tokens | torch linear (us) | HyperLinear (us) | ratio | dequantize()+matmul (us) | ratio |")
         print("|---|---|---|---|---|---|---|")
         for in_f, out_f, t, r in rows:
             line = (f"| {in_f} -> {out_f} | {t} | {r['torch']:.0f} | {r['hyper']:.0f} | {r['hyper'] / r['torch']:.2f}x "
                     f"| {r['deq']:.0f} | {r['deq'] / r['torch']:.2f}x |")
             print(line)
+        for key, title in (("_pipe", "50 calls back to back, time per call"), ("_graph", "CUDA graph replay")):
+            if any("torch" + key in r for *_, r in rows):
+                print(f"\n{title} (us):\n\n| in -> out | tokens | torch linear | HyperLinear | ratio |\n|---|---|---|---|---|")
+                for in_f, out_f, t, r in rows:
+                    a, b = r["torch" + key], r["hyper" + key]
+                    print(f"| {in_f} -> {out_f} | {t} | {_cell(a)} | {_cell(b)} | {_ratio(b, a)} |")
+                    for v in (a, b):
+                        if not isinstance(v, float):
+                            print(f"<!-- {v} -->")
     if args.encoder or args.encoder_only:
         n, secs, res = bench_encoder(device, dtype, args.encoder_repeats)
         print(f"\nSAM ViT-B image encoder, 1x3x1024x1024, {args.dtype}: {n} linears replaced "

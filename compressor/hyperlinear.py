@@ -22,7 +22,9 @@ gather + ``F.linear``; any device), ``numba-cpu`` (up to ``CPU_FUSED_MAX_TOKENS`
 serial GIL-free fused @njit kernel, ``numba_kernels.hyperlinear_cpu.fused_rows``, over row
 blocks on a small thread pool; above: @njit decode split over the same threads + torch
 matmul; see ``docs/BENCHMARKS.md (HyperLinear section)``), ``numba-cuda`` (fused warp-per-row kernel up to
-``CUDA_FUSED_MAX_TOKENS`` tokens, decode + tensor-core matmul above), ``auto``
+``CUDA_FUSED_MAX_TOKENS`` tokens, bias added inside; pair decode + tensor-core matmul
+above; the per-layer kernel arguments are converted for numba once, so a call pays
+the launch cost of ``x`` and the output only), ``auto``
 (by device, dtype and token count; logs each choice once). An explicit backend
 that cannot run raises :class:`BackendUnavailableError`.
 """
@@ -31,10 +33,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -63,10 +64,36 @@ _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # same-width integer views: the decode kernels move bit patterns
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
+# twice-as-wide integer views: the CUDA pair decode stores both weights of an index at once
+_PAIR_VIEW = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
 
 
 class HyperLinearError(BirkhoffError, ValueError):
     """A HyperLinear cannot be built from the given tensors, or gets bad input."""
+
+
+class _CudaArgs(NamedTuple):
+    """A layer's numba-cuda kernel arguments for one (device, dtype)."""
+    keep: tuple  # the tensors the views alias, kept alive with them
+    theta: object
+    lut_x: object  # lut(dtype) as same-width integers (decode_rows)
+    lut_y: object
+    lut_xy: object  # packed pairs (decode_pairs), None for odd ``in`` or fp64
+    lut_x32: object  # lut(dtype) widened to float32 (fused)
+    lut_y32: object
+    bias32: object  # bias in dtype, widened to float32 (fused), or None
+    launches: dict  # prepared launches by (path, tokens, stream), None where none can be made
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int]:
+    """Identifies a tensor's current contents for caches: storage and in-place
+    version (inference tensors have no version counter and cannot change outside
+    inference mode)."""
+    try:
+        ver = t._version
+    except RuntimeError:
+        ver = -1
+    return t.data_ptr(), ver
 
 
 def _f64_bits(v: float) -> int:
@@ -371,6 +398,55 @@ class HyperLinear(nn.Module):
             hit = self._luts[key] = _cpu_kernels().pair_table(lx.float().numpy(), ly.float().numpy())
         return hit
 
+    def _bias_as(self, dtype: torch.dtype, device, widen: bool = False) -> Optional[torch.Tensor]:
+        """The bias cast to ``dtype`` (then to float32 when ``widen``: what the fused
+        kernels add), cached until the bias changes in place; uncached while it
+        trains, so autograd still reaches it."""
+        b = self.bias
+        if b is None:
+            return None
+        if b.requires_grad and torch.is_grad_enabled():
+            b = b.to(dtype)
+            return b.to(torch.float32) if widen else b
+        if b.dtype == dtype and not widen:
+            return b
+        key = ("bias", dtype, widen)
+        stamp = _stamp(b)
+        hit = self._luts.get(key)
+        if hit is None or hit[0] != stamp:
+            with torch.inference_mode(False):
+                c = b.detach().to(dtype)
+                c = (c.to(torch.float32) if widen else c).contiguous()
+            hit = self._luts[key] = (stamp, c)
+        return hit[1]
+
+    def _cuda_args(self, device: torch.device, dtype: torch.dtype) -> "_CudaArgs":
+        """Kernel arguments that do not change between calls (indices, tables,
+        bias), converted for numba once: per-call launch cost is what decides the
+        small-token speed. Rebuilt when the indices or bias change in place."""
+        k = _cuda_kernels()
+        key = ("cuda-args", device, dtype)
+        stamp = (_stamp(self.theta), None if self.bias is None else _stamp(self.bias))
+        hit = self._luts.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        lx, ly = self.lut(dtype, device)
+        with torch.inference_mode(False):
+            lx32, ly32 = (lx, ly) if dtype == torch.float32 else (lx.float(), ly.float())
+            xy = None
+            if dtype in _PAIR_VIEW and self.in_features % 2 == 0:
+                ivt = _INT_VIEW[dtype]
+                packed = k.pack_pairs(lx.view(ivt).cpu().numpy(), ly.view(ivt).cpu().numpy())
+                xy = torch.from_numpy(packed).to(device)
+            b32 = None if self.bias is None else self._bias_as(dtype, device, widen=True).detach()
+        ivt = _INT_VIEW[dtype]
+        keep = (self.theta, lx, ly, lx32, ly32, xy, b32)  # the views below alias these
+        args = _CudaArgs(keep, k.kernel_arg(self.theta), k.kernel_arg(lx.view(ivt)), k.kernel_arg(ly.view(ivt)),
+                         None if xy is None else k.kernel_arg(xy), k.kernel_arg(lx32), k.kernel_arg(ly32),
+                         None if b32 is None else k.kernel_arg(b32), {})
+        self._luts[key] = (stamp, args)
+        return args
+
     def dequantize(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """The reference decode: ``W [out, in]`` (default: the source dtype, on the
         indices' device), equal to ``CompressedTensor.decode()``."""
@@ -463,10 +539,9 @@ def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
         raise HyperLinearError(f"{m.name}: input on {x.device}, layer on {m.theta.device}")
     dtype = x.dtype
     tokens = x.numel() // m.in_features
-    bias = None if m.bias is None else m.bias.to(dtype)
     path = m._choose(x, tokens)
     if path == "reference":
-        return F.linear(x, m.dequantize(dtype, x.device), bias)
+        return F.linear(x, m.dequantize(dtype, x.device), m._bias_as(dtype, x.device))
     # a workspace that autograd would save must not be reused; the fused kernels have no backward
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if path == "cpu-fused" and needs_grad:
@@ -477,31 +552,86 @@ def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
         k = _cpu_kernels()
         x2 = x.detach().reshape(tokens, m.in_features).to(torch.float32).contiguous()
         out = torch.empty(tokens, m.out_features, dtype=torch.float32)
-        b32 = _NO_BIAS if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
+        b32 = _NO_BIAS if m.bias is None else m._bias_as(dtype, x.device, widen=True).detach().numpy()
         _cpu_fused(k, x2.numpy(), m.theta.numpy(), m._pair_table(dtype), b32, out.numpy())
         return out.to(dtype).reshape(*x.shape[:-1], m.out_features)
-    ivt = _INT_VIEW[dtype]
-    lx, ly = m.lut(dtype, x.device)
     if path == "cpu-decode":
+        ivt = _INT_VIEW[dtype]
+        lx, ly = m.lut(dtype, x.device)
         k = _cpu_kernels()
         w = torch.empty(m.out_features, m.in_features, dtype=dtype) if needs_grad else \
             _cpu_workspace(m.out_features, m.in_features, dtype)
         _cpu_decode(k, m.theta.numpy(), lx.view(ivt).numpy(), ly.view(ivt).numpy(), w.view(ivt).numpy())
-        return F.linear(x, w, bias)
+        return F.linear(x, w, m._bias_as(dtype, x.device))
+    return _cuda_forward(m, x, path, tokens, needs_grad)
+
+
+def _cuda_forward(m: HyperLinear, x: torch.Tensor, path: str, tokens: int, needs_grad: bool) -> torch.Tensor:
+    """The numba-cuda paths. Also runs CPU tensors under ``NUMBA_ENABLE_CUDASIM=1``,
+    which is how CI tests this orchestration (the kernels then take host arrays)."""
     k = _cuda_kernels()
-    cuda = k.cuda
-    stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
+    dtype = x.dtype
+    if x.device.type == "cuda":
+        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        stream = k.stream_for(torch.cuda.current_stream(x.device).cuda_stream, dev)
+    else:
+        stream = 0
+    a = m._cuda_args(x.device, dtype)
     if path == "cuda-fused" and not needs_grad:
-        x2 = x.reshape(tokens, m.in_features).to(torch.float32).contiguous()
+        # fp32 operands (the dtype's decoded weights and bias, widened), fp32
+        # accumulation with the bias added in the kernel, one cast of the output
+        x2 = x.detach().reshape(tokens, m.in_features).to(torch.float32).contiguous()
         out = torch.empty(tokens, m.out_features, dtype=torch.float32, device=x.device)
-        lxf, lyf = (lx, ly) if dtype == torch.float32 else (lx.float(), ly.float())
-        k.fused_linear(x2, m.theta, lxf, lyf, out, stream)
-        if bias is not None:
-            out += m.bias.to(torch.float32)
+        _launch(k, a, ("fused", tokens, stream), (x2,), (out,),
+                lambda xa, oa: k.fused_linear_launch(xa, a.theta, a.lut_x32, a.lut_y32, oa, stream, a.bias32),
+                lambda xa, oa: k.fused_linear(xa, a.theta, a.lut_x32, a.lut_y32, oa, stream, a.bias32))
         return out.to(dtype).reshape(*x.shape[:-1], m.out_features)
     w = torch.empty(m.out_features, m.in_features, dtype=dtype, device=x.device)
-    k.decode_rows(m.theta, lx.view(ivt), ly.view(ivt), w.view(ivt), stream)
-    return F.linear(x, w, bias)
+    wv = w.view(_PAIR_VIEW[dtype] if a.lut_xy is not None else _INT_VIEW[dtype])
+    if a.lut_xy is not None:
+        slow = lambda wa: k.decode_pairs(a.theta, a.lut_xy, wa, stream)  # noqa: E731
+    else:
+        slow = lambda wa: k.decode_rows(a.theta, a.lut_x, a.lut_y, wa, stream)  # noqa: E731
+    _launch(k, a, ("decode", stream), (), (wv,), lambda wa: k.decode_launch(a.theta, a.lut_x, a.lut_y, a.lut_xy, wa, stream),
+            slow)
+    return F.linear(x, w, m._bias_as(dtype, x.device))
+
+
+_fast_launch = {"ok": True}  # cleared for the process if a prepared launch ever disagrees with numba's
+
+
+def _launch(k, a: "_CudaArgs", key, inputs: tuple, outputs: tuple, prepare, slow) -> None:
+    """Run a kernel through the layer's :class:`PreparedLaunch` for ``key`` (made
+    on first use and checked once against numba's own launch), or through numba's
+    dispatcher where none can be made (the simulator, for one). ``prepare`` and
+    ``slow`` take the kernel views of ``inputs + outputs``."""
+    tensors = inputs + outputs
+    pl = a.launches.get(key, _MISSING) if _fast_launch["ok"] else None
+    if pl is not None and pl is not _MISSING:
+        pl(*[t.data_ptr() for t in tensors])
+        return
+    views = [k.kernel_arg(t) for t in tensors]
+    slow(*views)
+    if pl is None:
+        return
+    try:
+        pl = prepare(*views)
+    except k.FastLaunchUnavailable as exc:
+        _log_once(("fast-launch", str(exc)), "HyperLinear numba-cuda: launching through numba's dispatcher (%s)", exc)
+        a.launches[key] = None
+        return
+    # first use: the prepared launch must write, bit for bit, what numba's launch wrote
+    check = [torch.empty_like(t) for t in outputs]
+    pl(*[t.data_ptr() for t in inputs + tuple(check)])
+    if all(torch.equal(c.view(torch.uint8), t.view(torch.uint8)) for c, t in zip(check, outputs)):
+        a.launches[key] = pl
+    else:
+        _fast_launch["ok"] = False
+        log.warning("HyperLinear numba-cuda: a prepared launch disagreed with numba's own launch; "
+                    "launching through numba's dispatcher from now on")
+
+
+_MISSING = object()
 
 
 def hyperlinear_bytes(m: HyperLinear) -> dict[str, int]:

@@ -1,30 +1,37 @@
 """Numba-CUDA kernels of HyperLinear (``compressor/hyperlinear.py``).
 
-* :func:`decode_rows` (large token counts): one thread per index decodes the two
-  weights of ``theta[i, j]`` into a workspace ``W [out, in]``; torch's matmul
-  (tensor cores in fp16/bf16) then does the product. The tables arrive already cast
-  to the compute dtype and viewed as same-width integers, so the kernel copies
-  bit patterns: one kernel for fp32, fp16 and bf16 (numba has no bf16 type), and
-  ``W`` equals the table cast to that dtype exactly.
+* :func:`decode_pairs` (large token counts, even ``in``, fp32/fp16/bf16): one thread
+  per index copies the pair ``(W[i, 2j], W[i, 2j+1])`` from a packed table (the two
+  weights' bit patterns in one 32-bit word for 16-bit dtypes, one 64-bit word for
+  fp32) into a workspace viewed as ``[out, in/2]`` words: one gather and one
+  coalesced store per index. torch's matmul (tensor cores in fp16/bf16) then does
+  the product. Bit patterns only: one kernel for every dtype (numba has no bf16
+  type), and ``W`` equals the table cast to that dtype exactly.
+* :func:`decode_rows`: the same decode from two tables, one weight per store, for
+  what the packed form cannot hold (odd ``in``: the padded y is dropped; fp64).
 * :func:`fused_linear` (small token counts, ``T <= MAX_TOKENS``): one warp per
   output row walks the row's indices, decodes each pair of weights in registers
   (tables read through the L1 cache) and accumulates every token at once; a
   shared-memory pass sums the 32 lane partials per token (a shuffle would do, but
-  the CUDA simulator CI runs lacks ``shfl_down_sync``). ``W`` never exists in memory. fp32 in,
-  fp32 accumulate, fp32 out (the caller casts fp16/bf16 around it; with ``T``
-  small that costs two tiny element-wise kernels).
+  the CUDA simulator CI runs lacks ``shfl_down_sync``) and adds the bias. ``W`` never
+  exists in memory. fp32 in, fp32 accumulate, fp32 out (the caller casts fp16/bf16
+  around it; with ``T`` small that costs two tiny element-wise kernels).
 
 Every array argument is anything numba accepts as a device array: numba device
 arrays, torch CUDA tensors (``__cuda_array_interface__``), or NumPy arrays under
 ``NUMBA_ENABLE_CUDASIM=1`` (how CI tests these kernels). ``stream`` is a numba
 stream (use ``cuda.external_stream(torch.cuda.current_stream().cuda_stream)`` so
-the kernels order correctly against torch's work) or 0.
+the kernels order correctly against torch's work; :func:`stream_for` caches them) or 0.
+Launch cost matters at small token counts, so callers convert what does not
+change between calls (indices, tables, bias) once with :func:`kernel_arg` and keep
+it: numba then skips re-reading ``__cuda_array_interface__`` for those arguments.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import float32, int64
 
 from ._compat import import_cuda
@@ -51,7 +58,14 @@ def _decode_rows_kernel(theta, lut_x, lut_y, out):
 
 
 @cuda.jit
-def _fused_linear_kernel(x, theta, lut_x, lut_y, out):
+def _decode_pairs_kernel(theta, lut_xy, out):
+    j, i = cuda.grid(2)
+    if i < theta.shape[0] and j < theta.shape[1]:
+        out[i, j] = lut_xy[int64(theta[i, j])]
+
+
+@cuda.jit
+def _fused_linear_kernel(x, theta, lut_x, lut_y, bias, has_bias, out):
     lane = cuda.threadIdx.x % 32
     warp = cuda.threadIdx.x // 32
     row = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
@@ -83,6 +97,8 @@ def _fused_linear_kernel(x, theta, lut_x, lut_y, out):
         s = float32(0.0)
         for l in range(32):
             s += part[warp, lane, l]
+        if has_bias:
+            s += bias[row]
         out[lane, row] = s
 
 
@@ -97,17 +113,206 @@ def decode_rows(theta, lut_x, lut_y, out, stream=0) -> None:
     _decode_rows_kernel[grid, DECODE_BLOCK, stream](theta, lut_x, lut_y, out)
 
 
-def fused_linear(x, theta, lut_x, lut_y, out, stream=0) -> None:
-    """``out[t, i] = sum_c x[t, c] * W[i, c]`` for ``T <= MAX_TOKENS`` tokens
-    (``x``, tables and ``out`` float32)."""
+def decode_pairs(theta, lut_xy, out, stream=0) -> None:
+    """``out[i, j] = lut_xy[theta[i, j]]``: ``out`` is the workspace ``W [out, in]``
+    (even ``in``) viewed as ``[out, in/2]`` words of twice the dtype's width and
+    ``lut_xy`` the packed table (:func:`pack_pairs`)."""
+    rows, pairs = theta.shape
+    if out.shape[0] != rows or out.shape[1] != pairs:
+        raise ValueError(f"decode_pairs: out has shape {tuple(out.shape)}, indices {tuple(theta.shape)}")
+    if rows == 0 or pairs == 0:
+        return
+    bx, by = DECODE_BLOCK
+    grid = (math.ceil(pairs / bx), math.ceil(rows / by))
+    _decode_pairs_kernel[grid, DECODE_BLOCK, stream](theta, lut_xy, out)
+
+
+def pack_pairs(lx_bits: np.ndarray, ly_bits: np.ndarray) -> np.ndarray:
+    """The packed table of :func:`decode_pairs`: the tables' bit patterns
+    (``int16``/``int32`` views) as one little-endian word per point, x in the low
+    half, so that storing the word writes ``x`` then ``y``."""
+    if lx_bits.dtype != ly_bits.dtype or lx_bits.shape != ly_bits.shape or lx_bits.dtype.itemsize not in (2, 4):
+        raise ValueError(f"pack_pairs takes two equal 16- or 32-bit tables, got {lx_bits.dtype} {lx_bits.shape} "
+                         f"and {ly_bits.dtype} {ly_bits.shape}")
+    width = lx_bits.dtype.itemsize
+    unsigned = np.uint16 if width == 2 else np.uint32
+    word = np.uint32 if width == 2 else np.uint64
+    lo = lx_bits.view(unsigned).astype(word)
+    hi = ly_bits.view(unsigned).astype(word)
+    packed = lo | (hi << word(8 * width))
+    return packed.view(np.int32 if width == 2 else np.int64)
+
+
+def fused_linear(x, theta, lut_x, lut_y, out, stream=0, bias=None) -> None:
+    """``out[t, i] = sum_c x[t, c] * W[i, c] (+ bias[i])`` for ``T <= MAX_TOKENS``
+    tokens (``x``, tables, ``bias`` and ``out`` float32)."""
     n_tok = x.shape[0]
     if n_tok > MAX_TOKENS:
         raise ValueError(f"fused_linear takes at most {MAX_TOKENS} tokens, got {n_tok}")
     rows = theta.shape[0]
     if rows == 0 or n_tok == 0:
         return
+    if bias is None:
+        bias, has_bias = _no_bias(), 0
+    else:
+        if bias.shape[0] != rows:
+            raise ValueError(f"fused_linear: bias has {bias.shape[0]} entries, the layer {rows} rows")
+        has_bias = 1
     grid = math.ceil(rows / WARPS_PER_BLOCK)
-    _fused_linear_kernel[grid, 32 * WARPS_PER_BLOCK, stream](x, theta, lut_x, lut_y, out)
+    _fused_linear_kernel[grid, 32 * WARPS_PER_BLOCK, stream](x, theta, lut_x, lut_y, bias, has_bias, out)
+
+
+_NO_BIAS_HOST = np.zeros(1, np.float32)
+_no_bias_dev: dict = {}
+
+
+def _no_bias():
+    """A one-element float32 array for the kernel's unread bias argument: host
+    memory under the simulator, device memory (made once per GPU) on a GPU."""
+    if is_simulator():
+        return _NO_BIAS_HOST
+    dev_id = cuda.get_current_device().id
+    arr = _no_bias_dev.get(dev_id)
+    if arr is None:
+        arr = _no_bias_dev[dev_id] = cuda.to_device(_NO_BIAS_HOST)
+    return arr
+
+
+class FastLaunchUnavailable(RuntimeError):
+    """A :class:`PreparedLaunch` cannot be made here (the reason says why); the
+    caller launches through numba's dispatcher instead."""
+
+
+def _as_int(v) -> int:
+    if isinstance(v, int):
+        return v
+    return int(v.value) if hasattr(v, "value") else int(v)
+
+
+def substitute(template: list, slots: tuple, values) -> list:
+    """A copy of ``template`` with ``template[slots[i]]`` replaced by ``values[i]``,
+    keeping each slot's type (a Python int, a ctypes pointer, a driver pointer)."""
+    a = list(template)
+    for pos, v in zip(slots, values):
+        old = a[pos]
+        a[pos] = v if isinstance(old, int) else type(old)(v)
+    return a
+
+
+def pointer_slots(spans: list, args: tuple, varying: tuple) -> tuple:
+    """Where the data pointers of the ``varying`` arguments sit in numba's flat
+    argument list (``spans[i]``: where argument ``i`` starts). numba flattens an
+    array as (meminfo, parent, nitems, itemsize, data, shape..., strides...); the
+    slot is checked against the array's real pointer, never assumed."""
+    flat, starts = spans
+    slots = []
+    for i in varying:
+        want = int(args[i].__cuda_array_interface__["data"][0])
+        pos = starts[i] + 4
+        if pos >= len(flat) or _as_int(flat[pos]) != want:
+            raise FastLaunchUnavailable(f"numba's argument layout is not the expected one (argument {i}: "
+                                        f"no data pointer at offset 4)")
+        slots.append(pos)
+    return tuple(slots)
+
+
+class PreparedLaunch:
+    """One kernel launch with its arguments marshalled once, by numba itself
+    (``_Kernel._prepare_args``); each call then replaces only the data pointers of
+    the arguments named ``varying`` (same shapes and strides) and launches through
+    ``cuda.core.launch``, as numba's own ``_Kernel.launch`` does. This skips
+    numba's per-call typing and marshalling, tens of microseconds that decide
+    the speed of a layer at a few tokens. Raises :class:`FastLaunchUnavailable`
+    where that cannot be done safely (the simulator, a debug or cooperative
+    kernel, an argument numba would copy, an unexpected argument layout)."""
+
+    def __init__(self, dispatcher, args: tuple, griddim, blockdim, stream, varying: tuple):
+        if is_simulator():
+            raise FastLaunchUnavailable("the CUDA simulator launches through numba's dispatcher only")
+        try:
+            from cuda.core import LaunchConfig, launch
+            from numba.cuda._compat import CUDA_CORE_GE_1_0
+        except ImportError as exc:
+            raise FastLaunchUnavailable(f"cuda.core launch API not importable ({exc})") from None
+        argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+        kernel = dispatcher.compile(argtypes)
+        if getattr(kernel, "debug", False) or getattr(kernel, "cooperative", False) \
+                or getattr(kernel, "launch_config_sensitive", False) or getattr(kernel, "extensions", None):
+            raise FastLaunchUnavailable("kernel compiled with debug, cooperative, launch-config-sensitive "
+                                        "or extension options")
+        flat: list = []
+        starts = []
+        retr: list = []
+        for ty, val in zip(kernel.argument_types, args):
+            starts.append(len(flat))
+            kernel._prepare_args(ty, val, stream, retr, flat)
+        if retr:
+            raise FastLaunchUnavailable("an argument is host memory that numba would copy on every call")
+        self._slots = pointer_slots((flat, starts), args, varying)
+        self._flat = flat
+        self._launch = launch
+        self._kernel = kernel._codelibrary.get_cufunc().kernel
+        self._stream = stream
+        gd = griddim if isinstance(griddim, tuple) else (griddim,)
+        bd = blockdim if isinstance(blockdim, tuple) else (blockdim,)
+        gd, bd = gd + (1,) * (3 - len(gd)), bd + (1,) * (3 - len(bd))  # as numba normalizes them
+        if CUDA_CORE_GE_1_0:
+            self._config = LaunchConfig(grid=gd, block=bd, shmem_size=0, is_cooperative=False)
+        else:
+            self._config = LaunchConfig(grid=gd, block=bd, shmem_size=0, cooperative_launch=False)
+
+    def __call__(self, *pointers: int) -> None:
+        self._launch(self._stream, self._config, self._kernel, *substitute(self._flat, self._slots, pointers))
+
+
+def fused_linear_launch(x, theta, lut_x, lut_y, out, stream=0, bias=None) -> PreparedLaunch:
+    """:func:`fused_linear` prepared for repeated calls with new ``x`` and ``out``
+    pointers (same token count): ``launch(x_ptr, out_ptr)``."""
+    n_tok, rows = x.shape[0], theta.shape[0]
+    if not 0 < n_tok <= MAX_TOKENS or rows == 0:
+        raise FastLaunchUnavailable(f"fused_linear_launch needs 1..{MAX_TOKENS} tokens and rows, got {n_tok}, {rows}")
+    b, has_bias = (_no_bias(), 0) if bias is None else (bias, 1)
+    grid = math.ceil(rows / WARPS_PER_BLOCK)
+    return PreparedLaunch(_fused_linear_kernel, (x, theta, lut_x, lut_y, b, has_bias, out), grid,
+                          32 * WARPS_PER_BLOCK, stream, (0, 6))
+
+
+def decode_launch(theta, lut_x, lut_y, lut_xy, out, stream=0) -> PreparedLaunch:
+    """:func:`decode_pairs` (``lut_xy`` given) or :func:`decode_rows` prepared for
+    repeated calls with a new workspace pointer: ``launch(out_ptr)``."""
+    rows, pairs = theta.shape
+    if rows == 0 or pairs == 0:
+        raise FastLaunchUnavailable("empty layer")
+    bx, by = DECODE_BLOCK
+    grid = (math.ceil(pairs / bx), math.ceil(rows / by))
+    if lut_xy is not None:
+        return PreparedLaunch(_decode_pairs_kernel, (theta, lut_xy, out), grid, DECODE_BLOCK, stream, (2,))
+    return PreparedLaunch(_decode_rows_kernel, (theta, lut_x, lut_y, out), grid, DECODE_BLOCK, stream, (3,))
+
+
+def kernel_arg(t):
+    """What to pass a kernel for ``t`` (a torch tensor or any array): a numba
+    device-array view of a CUDA tensor, made once and reusable for as long as
+    ``t`` lives; under the simulator, the host array itself."""
+    if hasattr(t, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(t)
+    return np.asarray(t)
+
+
+_streams: dict = {}
+
+
+def stream_for(handle: int, device_index: int = 0):
+    """The numba stream for a raw CUDA stream handle (torch's
+    ``current_stream(device).cuda_stream``), made once per (device, handle).
+    Handle 0 is the legacy default stream for torch and numba alike."""
+    if not handle:
+        return 0
+    key = (device_index, handle)
+    s = _streams.get(key)
+    if s is None:
+        s = _streams[key] = cuda.external_stream(handle)
+    return s
 
 
 def is_simulator() -> bool:

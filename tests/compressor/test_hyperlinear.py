@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import logging
 
 import numpy as np
@@ -281,3 +282,101 @@ def test_cpu_decode_path_at_few_tokens(monkeypatch, dtype, in_f, bias):
     assert hl._choose(x, 6) == "cpu-decode"
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(hl(x).to(torch.float32), _expected(hl, x), rtol=rtol, atol=atol)
+
+
+def _cuda_sim():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("the numba-cuda orchestration runs on host tensors only under NUMBA_ENABLE_CUDASIM=1 "
+                    "(scripts/test.sh sets it where there is no GPU)")
+    from compressor import hyperlinear as hlmod
+
+    return hlmod
+
+
+@pytest.mark.parametrize("path", ["cuda-fused", "cuda-decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f,bias", [(9, True), (10, False), (10, True)])
+def test_cuda_orchestration_under_simulator(path, dtype, in_f, bias):
+    """The numba-cuda forward (cached kernel arguments, packed pair decode for even
+    ``in``, bias inside the fused kernel) on host tensors through the simulator."""
+    hlmod = _cuda_sim()
+    _, hl = _layer(6, in_f, bias=bias)
+    x = torch.randn(2, 2, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = hlmod._cuda_forward(hl, x, path, 4, needs_grad=False)
+    assert y.shape == (2, 2, 6) and y.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.to(torch.float32), _expected(hl, x), rtol=rtol, atol=atol)
+    args = hl._cuda_args(x.device, dtype)
+    assert (args.lut_xy is not None) == (in_f % 2 == 0)
+    if path == "cuda-decode":  # the decoded workspace is exact: compare with the bias-free product too
+        w = hl.dequantize(dtype)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, None if hl.bias is None else hl.bias.to(dtype)))
+
+
+def test_cuda_orchestration_fp64_and_cache_invalidation():
+    hlmod = _cuda_sim()
+    _, hl = _layer(5, 8, bias=True)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = hlmod._cuda_forward(hl, x, "cuda-decode", 3, needs_grad=False)
+    torch.testing.assert_close(y, x @ hl.dequantize(torch.float64).T + hl.bias.double())
+    assert hl._cuda_args(x.device, torch.float64).lut_xy is None  # no 128-bit pairs: per-weight decode
+    # an in-place change of the bias or the indices (load_state_dict copies in place) is seen
+    first = hl._cuda_args(x.device, torch.float32)
+    with torch.no_grad():
+        hl.bias.add_(1.0)
+    xf = x.float()
+    y2 = hlmod._cuda_forward(hl, xf, "cuda-fused", 3, needs_grad=False)
+    torch.testing.assert_close(y2, _expected(hl, xf), rtol=1e-4, atol=1e-5)
+    assert hl._cuda_args(x.device, torch.float32) is not first
+    sd = hl.state_dict()
+    sd["theta"] = torch.from_numpy(np.ascontiguousarray(sd["theta"].numpy()[:, ::-1]))
+    hl.load_state_dict(sd)
+    y3 = hlmod._cuda_forward(hl, xf, "cuda-decode", 3, needs_grad=False)
+    torch.testing.assert_close(y3, xf @ hl.dequantize(torch.float32).T + hl.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_cache_follows_in_place_changes_and_autograd():
+    _, hl = _layer(4, 6, bias=True, backend="reference")
+    x = torch.randn(2, 6, dtype=torch.bfloat16)
+    first = hl._bias_as(torch.bfloat16, x.device)
+    assert hl._bias_as(torch.bfloat16, x.device) is first  # cached while unchanged
+    with torch.no_grad():
+        hl.bias.mul_(2.0)
+    assert torch.equal(hl._bias_as(torch.bfloat16, x.device), hl.bias.to(torch.bfloat16))
+    hl.bias.requires_grad_(True)
+    hl(x.float()).sum().backward()
+    assert hl.bias.grad is not None and torch.equal(hl.bias.grad, torch.full((4,), 2.0))
+
+
+def _gpu():
+    ok, why = numba_cuda_status()
+    if not ok:
+        pytest.skip(f"needs a CUDA GPU with numba-cuda ({why}); the same orchestration runs under the simulator "
+                    "in test_cuda_orchestration_under_simulator")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f,bias", [(33, True), (64, False), (64, True)])
+@pytest.mark.parametrize("lead", [(1,), (16,), (2, 300)])
+def test_numba_cuda_backend_on_gpu(dtype, in_f, bias, lead):
+    """On a real GPU: the fused path (<= 16 tokens) and the decode path, against
+    the dequantized reference, with the layer's auto choice and the explicit
+    backend; the second call of each goes through the prepared launch."""
+    _gpu()
+    _, hl = _layer(40, in_f, bias=bias)
+    x = torch.randn(*lead, in_f, generator=torch.Generator().manual_seed(7)).to(dtype)
+    ref = _expected(hl, x)
+    hl, xc = hl.cuda(), x.cuda()
+    rtol, atol = TOL[dtype]
+    for backend in ("auto", "numba-cuda"):
+        hl.set_backend(backend)
+        with torch.inference_mode():
+            first = hl(xc)
+            second = hl(xc)
+            third = hl(xc + 1)
+        assert first.device.type == "cuda" and first.dtype == dtype and first.shape == (*lead, 40)
+        torch.testing.assert_close(first.float().cpu(), ref, rtol=rtol, atol=atol)
+        assert torch.equal(first, second)
+        torch.testing.assert_close(third.float().cpu(), _expected(hl.cpu(), x + 1), rtol=rtol, atol=atol)
+        hl = hl.cuda()

@@ -55,3 +55,79 @@ def test_fused_linear_rejects_too_many_tokens():
     with pytest.raises(ValueError, match="at most"):
         k.fused_linear(np.zeros((k.MAX_TOKENS + 1, 4), np.float32), theta, lx, ly,
                        np.zeros((k.MAX_TOKENS + 1, 2), np.float32))
+
+
+def test_fused_linear_adds_bias_sim():
+    theta, lx, ly = _case(9, 12, 40, seed=3)
+    x = np.random.default_rng(2).standard_normal((4, 12)).astype(np.float32)
+    bias = np.random.default_rng(3).standard_normal(9).astype(np.float32)
+    out = np.full((4, 9), np.nan, np.float32)
+    k.fused_linear(x, theta, lx, ly, out, 0, bias)
+    ref = x.astype(np.float64) @ _numpy_decode(theta, lx, ly, 12).astype(np.float64).T + bias
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="bias has 8 entries"):
+        k.fused_linear(x, theta, lx, ly, out, 0, bias[:8])
+
+
+@pytest.mark.parametrize("fdtype,idtype", [(np.float32, np.int32), (np.float16, np.int16)])
+def test_pack_pairs_puts_x_first_in_memory(fdtype, idtype):
+    lx = np.array([1.5, -2.0, np.inf], fdtype)
+    ly = np.array([-0.25, 3.0, -np.nan], fdtype)
+    packed = k.pack_pairs(lx.view(idtype), ly.view(idtype))
+    assert packed.itemsize == 2 * lx.itemsize
+    # stored little-endian, each word reads back as (x, y) in the table's dtype
+    pairs = packed.view(fdtype).reshape(-1, 2)
+    assert np.array_equal(pairs[:, 0].view(idtype), lx.view(idtype))
+    assert np.array_equal(pairs[:, 1].view(idtype), ly.view(idtype))
+    with pytest.raises(ValueError, match="two equal"):
+        k.pack_pairs(lx.view(idtype), ly.astype(np.float64).view(np.int64))
+
+
+@pytest.mark.parametrize("fdtype,idtype", [(np.float32, np.int32), (np.float16, np.int16)])
+def test_decode_pairs_sim(fdtype, idtype):
+    rows, n_in = 7, 10
+    theta, lx, ly = _case(rows, n_in, 40, seed=5)
+    lx, ly = lx.astype(fdtype), ly.astype(fdtype)
+    w = np.full((rows, n_in), np.nan, fdtype)
+    wide = np.int64 if fdtype == np.float32 else np.int32
+    k.decode_pairs(theta, k.pack_pairs(lx.view(idtype), ly.view(idtype)), w.view(wide))
+    assert np.array_equal(w.view(idtype), _numpy_decode(theta, lx, ly, n_in).view(idtype))
+    with pytest.raises(ValueError, match="out has shape"):
+        k.decode_pairs(theta, k.pack_pairs(lx.view(idtype), ly.view(idtype)), np.zeros((rows, 4), wide))
+
+
+def test_stream_for_maps_the_default_stream_to_numbas():
+    # torch's default stream (handle 0) is the legacy default stream, numba's 0;
+    # other handles need a GPU (the simulator has no external streams)
+    assert k.stream_for(0) == 0 and k.stream_for(0, device_index=3) == 0
+
+
+class _Dev:
+    """Stands for a device array: only its interface's data pointer is read."""
+
+    def __init__(self, ptr):
+        self.__cuda_array_interface__ = {"data": (ptr, False)}
+
+
+def test_pointer_slots_are_checked_against_real_pointers():
+    import ctypes
+
+    # numba's flattening of (array, int, array): meminfo, parent, nitems, itemsize, data, shape, strides
+    flat = [0, 0, 6, 4, 0x1000, 2, 3, 12, 4, ctypes.c_int64(1), 0, 0, 3, 4, ctypes.c_void_p(0x2000), 3, 4]
+    starts = [0, 9, 10]
+    args = (_Dev(0x1000), 1, _Dev(0x2000))
+    assert k.pointer_slots((flat, starts), args, (0, 2)) == (4, 14)
+    with pytest.raises(k.FastLaunchUnavailable, match="argument 2"):
+        k.pointer_slots((flat, starts), (args[0], 1, _Dev(0x3000)), (0, 2))
+    new = k.substitute(flat, (4, 14), (0x5000, 0x6000))
+    assert new[4] == 0x5000 and isinstance(new[14], ctypes.c_void_p) and new[14].value == 0x6000
+    assert flat[4] == 0x1000 and flat[14].value == 0x2000  # the template is never modified
+    assert new[:4] == flat[:4] and new[9] is flat[9]
+
+
+def test_prepared_launch_refuses_under_the_simulator():
+    if not k.is_simulator():
+        pytest.skip("on a GPU the prepared launch runs: test_numba_cuda_backend_on_gpu covers it")
+    theta, lx, ly = _case(4, 6, 40)
+    with pytest.raises(k.FastLaunchUnavailable, match="simulator"):
+        k.fused_linear_launch(np.zeros((1, 6), np.float32), theta, lx, ly, np.zeros((1, 4), np.float32))
