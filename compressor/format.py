@@ -200,17 +200,25 @@ def _tmp_path(directory: str, name: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def _hash_file(path: str) -> tuple[int, str]:
+def _hash_stream(src, dst=None) -> tuple[int, str]:
+    """Bytes and sha256 of what is left in ``src``, copied to ``dst`` on the way
+    when one is given."""
     h = hashlib.sha256()
     n = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_IO_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
+    while True:
+        chunk = src.read(_IO_CHUNK)
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+        if dst is not None:
+            dst.write(chunk)
     return n, h.hexdigest()
+
+
+def _hash_file(path: str) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        return _hash_stream(f)
 
 
 def _open_regular(path: str, missing_error: type, what: str, tensor: str | None = None):
@@ -348,19 +356,11 @@ def copy_extra_file(src_path, directory, name: str) -> dict:
     if not is_plain_name(name) or name == MANIFEST_NAME or name.endswith(SHARD_SUFFIX):
         raise ConfigError(f"extra file name {name!r} must be a plain file name, not the manifest or a shard")
     src, _ = _open_regular(src_path, SourceError, "source file")
-    h = hashlib.sha256()
-    n = 0
     with _atomic_file(directory, name) as tmp, src, open(tmp, "wb") as dst:
-        while True:
-            chunk = src.read(_IO_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-            dst.write(chunk)
+        n, digest = _hash_stream(src, dst)
         dst.flush()
         os.fsync(dst.fileno())
-    return {"bytes": n, "sha256": h.hexdigest()}
+    return {"bytes": n, "sha256": digest}
 
 
 def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int, prefix: str = "shard") -> dict[str, list[str]]:
@@ -855,13 +855,8 @@ def verify_extra_files(directory, manifest: dict) -> None:
         with f:
             if size != rec["bytes"]:
                 raise TruncatedDataError(f"file is {size} bytes, the manifest declares {rec['bytes']}", file=path)
-            h = hashlib.sha256()
-            while True:
-                chunk = f.read(_IO_CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-        if h.hexdigest() != rec["sha256"]:
+            _, digest = _hash_stream(f)
+        if digest != rec["sha256"]:
             raise ChecksumError("sha256 of the file differs from the manifest", file=path)
 
 
