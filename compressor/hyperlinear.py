@@ -431,15 +431,14 @@ class HyperLinear(nn.Module):
         if hit is not None and hit[0] == stamp:
             return hit[1]
         lx, ly = self.lut(dtype, device)
+        ivt = _INT_VIEW[dtype]
         with torch.inference_mode(False):
             lx32, ly32 = (lx, ly) if dtype == torch.float32 else (lx.float(), ly.float())
             xy = None
             if dtype in _PAIR_VIEW and self.in_features % 2 == 0:
-                ivt = _INT_VIEW[dtype]
                 packed = k.pack_pairs(lx.view(ivt).cpu().numpy(), ly.view(ivt).cpu().numpy())
                 xy = torch.from_numpy(packed).to(device)
             b32 = None if self.bias is None else self._bias_as(dtype, device, widen=True).detach()
-        ivt = _INT_VIEW[dtype]
         keep = (self.theta, lx, ly, lx32, ly32, xy, b32)  # the views below alias these
         args = _CudaArgs(keep, k.kernel_arg(self.theta), k.kernel_arg(lx.view(ivt)), k.kernel_arg(ly.view(ivt)),
                          None if xy is None else k.kernel_arg(xy), k.kernel_arg(lx32), k.kernel_arg(ly32),
@@ -582,40 +581,38 @@ def _cuda_forward(m: HyperLinear, x: torch.Tensor, path: str, tokens: int, needs
         # accumulation with the bias added in the kernel, one cast of the output
         x2 = x.detach().reshape(tokens, m.in_features).to(torch.float32).contiguous()
         out = torch.empty(tokens, m.out_features, dtype=torch.float32, device=x.device)
-        _launch(k, a, ("fused", tokens, stream), (x2,), (out,),
-                lambda xa, oa: k.fused_linear_launch(xa, a.theta, a.lut_x32, a.lut_y32, oa, stream, a.bias32),
-                lambda xa, oa: k.fused_linear(xa, a.theta, a.lut_x32, a.lut_y32, oa, stream, a.bias32))
+        _launch(k, a, ("fused", tokens, stream), stream, (x2,), (out,),
+                lambda xa, oa: k.fused_linear_call(xa, a.theta, a.lut_x32, a.lut_y32, oa, a.bias32))
         return out.to(dtype).reshape(*x.shape[:-1], m.out_features)
     w = torch.empty(m.out_features, m.in_features, dtype=dtype, device=x.device)
     wv = w.view(_PAIR_VIEW[dtype] if a.lut_xy is not None else _INT_VIEW[dtype])
-    if a.lut_xy is not None:
-        slow = lambda wa: k.decode_pairs(a.theta, a.lut_xy, wa, stream)  # noqa: E731
-    else:
-        slow = lambda wa: k.decode_rows(a.theta, a.lut_x, a.lut_y, wa, stream)  # noqa: E731
-    _launch(k, a, ("decode", stream), (), (wv,), lambda wa: k.decode_launch(a.theta, a.lut_x, a.lut_y, a.lut_xy, wa, stream),
-            slow)
+    _launch(k, a, ("decode", stream), stream, (), (wv,),
+            lambda wa: k.decode_call(a.theta, a.lut_x, a.lut_y, a.lut_xy, wa))
     return F.linear(x, w, m._bias_as(dtype, x.device))
 
 
+_MISSING = object()
 _fast_launch = {"ok": True}  # cleared for the process if a prepared launch ever disagrees with numba's
 
 
-def _launch(k, a: "_CudaArgs", key, inputs: tuple, outputs: tuple, prepare, slow) -> None:
-    """Run a kernel through the layer's :class:`PreparedLaunch` for ``key`` (made
-    on first use and checked once against numba's own launch), or through numba's
-    dispatcher where none can be made (the simulator, for one). ``prepare`` and
-    ``slow`` take the kernel views of ``inputs + outputs``."""
+def _launch(k, a: "_CudaArgs", key, stream, inputs: tuple, outputs: tuple, make_call) -> None:
+    """Run the kernel call ``make_call(*views of inputs + outputs)`` (a
+    ``KernelCall`` or ``None``) through the layer's prepared launch for ``key``
+    (made on first use and checked once against numba's own launch), or through
+    numba's dispatcher where none can be made (the simulator, for one)."""
     tensors = inputs + outputs
     pl = a.launches.get(key, _MISSING) if _fast_launch["ok"] else None
     if pl is not None and pl is not _MISSING:
         pl(*[t.data_ptr() for t in tensors])
         return
-    views = [k.kernel_arg(t) for t in tensors]
-    slow(*views)
+    call = make_call(*[k.kernel_arg(t) for t in tensors])
+    if call is None:  # nothing to compute
+        return
+    call.launch(stream)
     if pl is None:
         return
     try:
-        pl = prepare(*views)
+        pl = call.prepare(stream)
     except k.FastLaunchUnavailable as exc:
         _log_once(("fast-launch", str(exc)), "HyperLinear numba-cuda: launching through numba's dispatcher (%s)", exc)
         a.launches[key] = None
@@ -629,9 +626,6 @@ def _launch(k, a: "_CudaArgs", key, inputs: tuple, outputs: tuple, prepare, slow
         _fast_launch["ok"] = False
         log.warning("HyperLinear numba-cuda: a prepared launch disagreed with numba's own launch; "
                     "launching through numba's dispatcher from now on")
-
-
-_MISSING = object()
 
 
 def hyperlinear_bytes(m: HyperLinear) -> dict[str, int]:

@@ -30,6 +30,7 @@ it: numba then skips re-reading ``__cuda_array_interface__`` for those arguments
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 from numba import float32, int64
@@ -102,29 +103,58 @@ def _fused_linear_kernel(x, theta, lut_x, lut_y, bias, has_bias, out):
         out[lane, row] = s
 
 
+class KernelCall(NamedTuple):
+    """One launch of a kernel: what :meth:`launch` runs through numba's dispatcher
+    and what :meth:`prepare` turns into a :class:`PreparedLaunch`. ``varying``:
+    the array arguments whose data pointers change from call to call."""
+    kernel: object
+    args: tuple
+    grid: tuple
+    block: object
+    varying: tuple
+
+    def launch(self, stream=0) -> None:
+        self.kernel[self.grid, self.block, stream](*self.args)
+
+    def prepare(self, stream=0) -> "PreparedLaunch":
+        return PreparedLaunch(self, stream)
+
+
+def _decode_grid(theta) -> tuple:
+    rows, pairs = theta.shape
+    bx, by = DECODE_BLOCK
+    return math.ceil(pairs / bx), math.ceil(rows / by)
+
+
+def decode_call(theta, lut_x, lut_y, lut_xy, out) -> Optional[KernelCall]:
+    """The decode of ``theta`` into the workspace view ``out``: :func:`decode_pairs`
+    where a packed table ``lut_xy`` is given, else :func:`decode_rows`; ``None``
+    for an empty layer. The workspace is the varying argument."""
+    rows, pairs = theta.shape
+    if rows == 0 or pairs == 0:
+        return None
+    if lut_xy is None:
+        return KernelCall(_decode_rows_kernel, (theta, lut_x, lut_y, out), _decode_grid(theta), DECODE_BLOCK, (3,))
+    if out.shape[0] != rows or out.shape[1] != pairs:
+        raise ValueError(f"decode_pairs: out has shape {tuple(out.shape)}, indices {tuple(theta.shape)}")
+    return KernelCall(_decode_pairs_kernel, (theta, lut_xy, out), _decode_grid(theta), DECODE_BLOCK, (2,))
+
+
 def decode_rows(theta, lut_x, lut_y, out, stream=0) -> None:
     """``out[i, 2j] = lut_x[theta[i, j]]``, ``out[i, 2j+1] = lut_y[theta[i, j]]``
     (same-width integer views of the compute dtype; see the module docstring)."""
-    rows, pairs = theta.shape
-    if rows == 0 or pairs == 0:
-        return
-    bx, by = DECODE_BLOCK
-    grid = (math.ceil(pairs / bx), math.ceil(rows / by))
-    _decode_rows_kernel[grid, DECODE_BLOCK, stream](theta, lut_x, lut_y, out)
+    call = decode_call(theta, lut_x, lut_y, None, out)
+    if call is not None:
+        call.launch(stream)
 
 
 def decode_pairs(theta, lut_xy, out, stream=0) -> None:
     """``out[i, j] = lut_xy[theta[i, j]]``: ``out`` is the workspace ``W [out, in]``
     (even ``in``) viewed as ``[out, in/2]`` words of twice the dtype's width and
     ``lut_xy`` the packed table (:func:`pack_pairs`)."""
-    rows, pairs = theta.shape
-    if out.shape[0] != rows or out.shape[1] != pairs:
-        raise ValueError(f"decode_pairs: out has shape {tuple(out.shape)}, indices {tuple(theta.shape)}")
-    if rows == 0 or pairs == 0:
-        return
-    bx, by = DECODE_BLOCK
-    grid = (math.ceil(pairs / bx), math.ceil(rows / by))
-    _decode_pairs_kernel[grid, DECODE_BLOCK, stream](theta, lut_xy, out)
+    call = decode_call(theta, None, None, lut_xy, out)
+    if call is not None:
+        call.launch(stream)
 
 
 def pack_pairs(lx_bits: np.ndarray, ly_bits: np.ndarray) -> np.ndarray:
@@ -143,23 +173,31 @@ def pack_pairs(lx_bits: np.ndarray, ly_bits: np.ndarray) -> np.ndarray:
     return packed.view(np.int32 if width == 2 else np.int64)
 
 
-def fused_linear(x, theta, lut_x, lut_y, out, stream=0, bias=None) -> None:
+def fused_linear_call(x, theta, lut_x, lut_y, out, bias=None) -> Optional[KernelCall]:
     """``out[t, i] = sum_c x[t, c] * W[i, c] (+ bias[i])`` for ``T <= MAX_TOKENS``
-    tokens (``x``, tables, ``bias`` and ``out`` float32)."""
+    tokens (``x``, tables, ``bias`` and ``out`` float32); ``None`` when there is
+    nothing to compute. ``x`` and ``out`` are the varying arguments."""
     n_tok = x.shape[0]
     if n_tok > MAX_TOKENS:
         raise ValueError(f"fused_linear takes at most {MAX_TOKENS} tokens, got {n_tok}")
     rows = theta.shape[0]
     if rows == 0 or n_tok == 0:
-        return
+        return None
     if bias is None:
         bias, has_bias = _no_bias(), 0
     else:
         if bias.shape[0] != rows:
             raise ValueError(f"fused_linear: bias has {bias.shape[0]} entries, the layer {rows} rows")
         has_bias = 1
-    grid = math.ceil(rows / WARPS_PER_BLOCK)
-    _fused_linear_kernel[grid, 32 * WARPS_PER_BLOCK, stream](x, theta, lut_x, lut_y, bias, has_bias, out)
+    return KernelCall(_fused_linear_kernel, (x, theta, lut_x, lut_y, bias, has_bias, out),
+                      (math.ceil(rows / WARPS_PER_BLOCK),), 32 * WARPS_PER_BLOCK, (0, 6))
+
+
+def fused_linear(x, theta, lut_x, lut_y, out, stream=0, bias=None) -> None:
+    """Runs :func:`fused_linear_call`."""
+    call = fused_linear_call(x, theta, lut_x, lut_y, out, bias)
+    if call is not None:
+        call.launch(stream)
 
 
 _NO_BIAS_HOST = np.zeros(1, np.float32)
@@ -226,7 +264,8 @@ class PreparedLaunch:
     where that cannot be done safely (the simulator, a debug or cooperative
     kernel, an argument numba would copy, an unexpected argument layout)."""
 
-    def __init__(self, dispatcher, args: tuple, griddim, blockdim, stream, varying: tuple):
+    def __init__(self, call: "KernelCall", stream):
+        dispatcher, args, griddim, blockdim, varying = call
         if is_simulator():
             raise FastLaunchUnavailable("the CUDA simulator launches through numba's dispatcher only")
         try:
@@ -263,31 +302,6 @@ class PreparedLaunch:
 
     def __call__(self, *pointers: int) -> None:
         self._launch(self._stream, self._config, self._kernel, *substitute(self._flat, self._slots, pointers))
-
-
-def fused_linear_launch(x, theta, lut_x, lut_y, out, stream=0, bias=None) -> PreparedLaunch:
-    """:func:`fused_linear` prepared for repeated calls with new ``x`` and ``out``
-    pointers (same token count): ``launch(x_ptr, out_ptr)``."""
-    n_tok, rows = x.shape[0], theta.shape[0]
-    if not 0 < n_tok <= MAX_TOKENS or rows == 0:
-        raise FastLaunchUnavailable(f"fused_linear_launch needs 1..{MAX_TOKENS} tokens and rows, got {n_tok}, {rows}")
-    b, has_bias = (_no_bias(), 0) if bias is None else (bias, 1)
-    grid = math.ceil(rows / WARPS_PER_BLOCK)
-    return PreparedLaunch(_fused_linear_kernel, (x, theta, lut_x, lut_y, b, has_bias, out), grid,
-                          32 * WARPS_PER_BLOCK, stream, (0, 6))
-
-
-def decode_launch(theta, lut_x, lut_y, lut_xy, out, stream=0) -> PreparedLaunch:
-    """:func:`decode_pairs` (``lut_xy`` given) or :func:`decode_rows` prepared for
-    repeated calls with a new workspace pointer: ``launch(out_ptr)``."""
-    rows, pairs = theta.shape
-    if rows == 0 or pairs == 0:
-        raise FastLaunchUnavailable("empty layer")
-    bx, by = DECODE_BLOCK
-    grid = (math.ceil(pairs / bx), math.ceil(rows / by))
-    if lut_xy is not None:
-        return PreparedLaunch(_decode_pairs_kernel, (theta, lut_xy, out), grid, DECODE_BLOCK, stream, (2,))
-    return PreparedLaunch(_decode_rows_kernel, (theta, lut_x, lut_y, out), grid, DECODE_BLOCK, stream, (3,))
 
 
 def kernel_arg(t):

@@ -130,4 +130,4 @@ def test_prepared_launch_refuses_under_the_simulator():
         pytest.skip("on a GPU the prepared launch runs: test_numba_cuda_backend_on_gpu covers it")
     theta, lx, ly = _case(4, 6, 40)
     with pytest.raises(k.FastLaunchUnavailable, match="simulator"):
-        k.fused_linear_launch(np.zeros((1, 6), np.float32), theta, lx, ly, np.zeros((1, 4), np.float32))
+        k.fused_linear_call(np.zeros((1, 6), np.float32), theta, lx, ly, np.zeros((1, 4), np.float32)).prepare()
