@@ -27,7 +27,7 @@ def test_decoded_mae_is_reported_mae_and_input_untouched():
 def test_search_picks_best_and_stops_at_target():
     torch.manual_seed(1)
     w = torch.randn(64, 64) * 0.02  # some outer points; K=1 at the first U meets a loose target
-    e = compress_tensor("w", w, HyperCompressionConfig(target_mae=0.01), backend="reference")
+    e = compress_tensor("w", w, HyperCompressionConfig(target_mae=0.01, fallback_mae=0.01), backend="reference")
     assert (e.U, e.K) == (1225, 1)
     # with an unreachable target every (U, K) is tried and the best MAE wins
     cfg = HyperCompressionConfig(target_mae=0.0, points=(1225, 1600), max_classes=3)
@@ -35,7 +35,7 @@ def test_search_picks_best_and_stops_at_target():
     maes = {}
     for U in (1225, 1600):
         for K in (1, 2, 3):
-            maes[(U, K)] = compress_tensor("w", w, cfg.replace(points=(U,), max_classes=K, target_mae=1.0),
+            maes[(U, K)] = compress_tensor("w", w, cfg.replace(points=(U,), max_classes=K, target_mae=1.0, fallback_mae=1.0),
                                            backend="reference").mae if K == 1 else None
     assert best.mae <= maes[(1225, 1)] and best.mae <= maes[(1600, 1)]
 
