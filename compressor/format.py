@@ -734,7 +734,8 @@ def read_manifest(directory, limits: LoadLimits = LoadLimits()) -> dict:
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isdir(directory):
-        raise ManifestError("checkpoint directory does not exist", file=directory)
+        what = "does not exist" if not os.path.lexists(directory) else "is not a directory"
+        raise ManifestError(f"checkpoint directory {what}", file=directory)
     try:
         f, size = _open_regular(path, ManifestError, "manifest")
     except ManifestError as exc:

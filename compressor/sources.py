@@ -58,7 +58,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HUB_SCHEME = "hf://"
 #: a shard index (``*.index.json``) larger than this is not one
 MAX_INDEX_BYTES = 64 << 20
-_MAX_INDEX_NODES = 4_000_000
+_MAX_INDEX_NODES = 1_000_000  # one per tensor in a real index
 
 # what a file's first bytes say it is
 ZIP, PICKLE, SAFETENSORS, UNKNOWN = "zip", "pickle", "safetensors", "unknown"
@@ -539,6 +539,8 @@ def open_source(spec: str | os.PathLike | CheckpointSource, *, revision: str | N
     if isinstance(spec, CheckpointSource):
         return spec
     text = os.fspath(spec)
+    if not text.strip():
+        raise SourceError("no source given (an empty path)", file=repr(text))
     if text.startswith(HUB_SCHEME):
         repo, rev = parse_hub_uri(text)
         return _from_hub(repo, revision=revision or rev, cache_dir=cache_dir)
