@@ -12,6 +12,18 @@ from pathlib import Path
 log = logging.getLogger("birkhoff")
 
 
+_OFF = "off"
+
+
+def _number_or_off(text: str):
+    if text.strip().lower() in ("off", "none"):
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
 def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a checkpoint (file, Hugging Face directory or Hub model)")
     p.add_argument("src", help="a .safetensors/.pt/.pth/.bin file, a model directory, or hf://org/name[@revision]")
@@ -23,9 +35,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--max-classes", type=int, default=None, help="K_max (default 3)")
     p.add_argument("--target-mae", type=float, default=None, help="stop searching below this MAE (default 0.001)")
     p.add_argument("--fallback-mae", type=float, default=None, help="keep a tensor raw above this MAE (default 0.006)")
-    p.add_argument("--relative-fallback", type=float, default=None,
+    p.add_argument("--relative-fallback", type=_number_or_off, default=None, metavar="FRACTION|off",
                    help="also keep a tensor raw when its MAE is above this fraction of its spread (mean |w - mean w|); "
-                        "keeps near-zero and constant tensors exact (default 0.5)")
+                        "keeps near-zero and constant tensors exact (default 0.5; 'off': the paper's rules only)")
     p.add_argument("--raw", action="append", default=[], metavar="PATTERN",
                    help="keep tensors matching this glob raw (repeatable)")
     p.add_argument("--keep-nonfinite-raw", action="store_true", help="keep NaN/Inf tensors raw instead of failing")
@@ -61,7 +73,7 @@ def _cmd_compress(args) -> int:
     if args.keep_nonfinite_raw:
         changes["nonfinite"] = "raw"
     if args.relative_fallback is not None:
-        changes["relative_fallback"] = args.relative_fallback
+        changes["relative_fallback"] = None if args.relative_fallback == _OFF else args.relative_fallback
     if changes:
         cfg = cfg.replace(**changes)
     shard_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_bytes is None else args.max_shard_bytes
