@@ -29,7 +29,7 @@ from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
 from .codec import CODEC_VERSION, DTYPE_NAMES, CompressedTensor, RawTensor, TensorEntry, compress_tensor
 from .config import HyperCompressionConfig
-from .errors import CheckpointExistsError, ConfigError, FormatError, SourceError, _Located
+from .errors import CheckpointExistsError, ConfigError, DestinationError, FormatError, SourceError, _Located
 from .sources import CheckpointSource, open_source
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,8 @@ class CompressedCheckpoint:
             tmp.mkdir()
         except OSError as exc:
             dest.remove_created(made)
-            raise CheckpointExistsError(f"cannot create a temporary directory next to the destination: "
-                                        f"{exc.strerror}", file=str(dst)) from None
+            raise DestinationError(f"cannot create a temporary directory next to the destination: "
+                                   f"{exc.strerror}", file=str(dst)) from None
         try:
             kernels = _kernels(backend)
             stored = {n: stored_tensor(e, kernels) for n, e in self.entries.items()}

@@ -36,7 +36,6 @@ import socket
 import stat
 import time
 import uuid
-from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import CheckpointExistsError, DestinationError
