@@ -215,13 +215,18 @@ def clean_stale_temps(parent, final_name: str) -> list[str]:
     users' files are left alone. Returns the removed paths."""
     parent = os.fspath(parent)
     prefix = f".{final_name}.tmp-"
+    legacy_old = f".{final_name}.old-"  # an older build's overwrite, killed between its two renames
     removed = []
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(prefix):
+        if entry.name.startswith(prefix):
+            tag = entry.name[len(prefix):]
+        elif entry.name.startswith(legacy_old) and _LEGACY_RE.match(entry.name[len(legacy_old):]):
+            tag = entry.name[len(legacy_old):]
+        else:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -229,7 +234,7 @@ def clean_stale_temps(parent, final_name: str) -> list[str]:
             continue
         if stat.S_ISLNK(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
             continue
-        if not _is_stale(entry.name[len(prefix):], time.time() - st.st_mtime):
+        if not _is_stale(tag, time.time() - st.st_mtime):
             continue
         try:
             if stat.S_ISDIR(st.st_mode):

@@ -289,6 +289,10 @@ def test_stale_temporaries_are_removed_live_ones_kept(work):
     old = time.time() - dest.LEGACY_STALE_SECONDS - 60
     os.utime(legacy, (old, old))
     assert dest.clean_stale_temps(tmp, "c3") == [str(legacy)]
+    legacy_old = tmp / ".c3.old-89abcdef"  # an older build's replaced checkpoint
+    legacy_old.mkdir()
+    os.utime(legacy_old, (old, old))
+    assert dest.clean_stale_temps(tmp, "c3") == [str(legacy_old)]
 
 
 def test_killed_save_leaves_nothing_the_next_run_keeps(tmp_path):
