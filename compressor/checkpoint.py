@@ -3,8 +3,11 @@
 ``compress`` takes a model, a state dict or a source path and never modifies its
 input. ``CompressedCheckpoint.save`` writes shards, copies the architecture
 files and commits with the manifest last, all inside a temporary sibling
-directory that is renamed into place, so no reader ever sees half a checkpoint and
-an existing checkpoint is only replaced when asked to.
+directory that is published by an atomic no-clobber rename
+(:mod:`compressor.destination`), so no reader ever sees half a checkpoint, a
+directory that appears at the destination meanwhile is never touched, and an
+existing destination is only replaced when asked to and when it is a Birkhoff
+checkpoint (never another folder, never the source).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -21,12 +23,13 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
+from . import destination as dest
 from . import format as fmt
 from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
 from .codec import CODEC_VERSION, DTYPE_NAMES, CompressedTensor, RawTensor, TensorEntry, compress_tensor
 from .config import HyperCompressionConfig
-from .errors import BirkhoffError, SourceError
+from .errors import CheckpointExistsError, ConfigError, DestinationError, FormatError, SourceError, _Located
 from .sources import CheckpointSource, open_source
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,42 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
-class CheckpointExistsError(BirkhoffError, FileExistsError):
-    """The destination already holds a checkpoint (or other files) and overwrite was not asked."""
+__all__ = ["CheckpointExistsError", "CompressedCheckpoint", "compress", "compress_tensors", "check_destination",
+           "replaceable_checkpoint", "directory_bytes", "build_manifest", "write_entries_shard"]
+
+
+def replaceable_checkpoint(path) -> str | None:
+    """Why the directory ``path`` may NOT be replaced by ``overwrite`` (``None``: it
+    may): it must be a committed Birkhoff checkpoint (a manifest the loader
+    accepts) holding nothing but the files its manifest lists, all regular files.
+    Reads the manifest only (bounded by the loader's caps), no shard."""
+    try:
+        manifest = fmt.read_manifest(path)
+    except FormatError as exc:
+        return f"{type(exc).__name__}: {exc.detail}"
+    listed = {fmt.MANIFEST_NAME} | set(manifest["shards"]) | set(manifest["extra_files"])
+    foreign = []
+    try:
+        for entry in os.scandir(path):
+            if entry.name not in listed or not entry.is_file(follow_symlinks=False):
+                foreign.append(entry.name)
+                if len(foreign) >= 5:
+                    break
+    except OSError as exc:
+        return f"cannot list it: {exc.strerror}"
+    if foreign:
+        return f"it also holds {sorted(foreign)}, which are not part of the checkpoint"
+    return None
+
+
+def check_destination(directory, *, overwrite: bool = False, protected=()) -> list[str]:
+    """Refuse a checkpoint destination before any work (see :meth:`CompressedCheckpoint.save`):
+    a parent that is a file or not writable, a path that is, contains or lies in
+    one of ``protected`` (the source's files and folder), or an existing non-empty
+    destination unless ``overwrite`` and it is a Birkhoff checkpoint. Returns the
+    parent directories the save will create."""
+    return dest.check_directory_destination(directory, overwrite=overwrite, protected=protected,
+                                            replaceable=replaceable_checkpoint)
 
 
 def _kernels(backend) -> Kernels:
@@ -74,6 +111,17 @@ def compress_tensors(
     if timings is not None:
         timings["seconds"] = timings.get("seconds", 0.0) + spent
     return {n: out[n] for n in wanted}
+
+
+def check_source_values(source: CheckpointSource, config: HyperCompressionConfig) -> None:
+    """Check every tensor's values (NaN/Inf, magnitudes the codec cannot take) in
+    one cheap pass before any is compressed, so such a source fails in seconds,
+    naming the file and the tensor, not after the whole compression."""
+    from .codec import value_problem
+
+    index = {i.name: i for i in source.tensor_index()}
+    for name, tensor in source.read(None):
+        value_problem(name, tensor, config, file=index[name].file)
 
 
 def stored_tensor(entry: TensorEntry, kernels: Kernels | None = None) -> torch.Tensor:
@@ -117,17 +165,33 @@ class CompressedCheckpoint:
     source_info: dict = field(default_factory=dict)
     extra_files: dict[str, Path | bytes] = field(default_factory=dict)
     compress_seconds: float = 0.0
+    # the source's folder and files: a save never writes over, into or around them
+    source_paths: tuple = ()
 
     # -- saving ------------------------------------------------------------------
     def save(self, directory, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-             backend: str | Kernels = "auto") -> dict:
-        """Write the checkpoint; returns the manifest. Atomic at directory level."""
-        dst = Path(directory)
-        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-            raise CheckpointExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+             backend: str | Kernels = "auto", protected=()) -> dict:
+        """Write the checkpoint; returns the manifest. Atomic at directory level.
+
+        Never replaces anything unless ``overwrite``, and then only a Birkhoff
+        checkpoint (swapped out in one rename, removed after). The source this
+        checkpoint came from (``source_paths``) and ``protected`` paths are never
+        the destination, inside it or around it. Temporaries of killed earlier
+        saves to the same destination are removed first."""
+        if not (isinstance(max_shard_bytes, int) and not isinstance(max_shard_bytes, bool) and max_shard_bytes > 0):
+            raise ConfigError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+        dst = Path(os.path.abspath(os.fspath(directory)))
+        guard = list(self.source_paths) + list(protected)
+        missing = check_destination(dst, overwrite=overwrite, protected=guard)
+        made = dest.make_parents(missing)
+        dest.clean_stale_temps(dst.parent, dst.name)
+        tmp = dst.parent / dest.temp_name(dst.name)
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            dest.remove_created(made)
+            raise DestinationError(f"cannot create a temporary directory next to the destination: "
+                                   f"{exc.strerror}", file=str(dst)) from None
         try:
             kernels = _kernels(backend)
             stored = {n: stored_tensor(e, kernels) for n, e in self.entries.items()}
@@ -143,23 +207,18 @@ class CompressedCheckpoint:
             extras = {}
             for name, content in self.extra_files.items():
                 if isinstance(content, (bytes, bytearray)):
-                    src = tmp / f".{name}.src"
-                    src.write_bytes(content)
-                    extras[name] = fmt.copy_extra_file(src, tmp, name)
-                    src.unlink()
+                    extras[name] = fmt.write_extra_bytes(bytes(content), tmp, name)
                 else:
                     extras[name] = fmt.copy_extra_file(Path(content), tmp, name)
             manifest = build_manifest(self.config, self.source_info, meta, records, extras)
             fmt.write_manifest(tmp, manifest)
-            if dst.exists():
-                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(dst, old)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-        except BaseException:
+            dest.publish_directory(tmp, dst, overwrite=overwrite, replaceable=replaceable_checkpoint)
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            dest.remove_created(made)
+            if isinstance(exc, _Located) and exc.file and exc.file.startswith(str(tmp)):
+                # name the destination, not a temporary that no longer exists
+                raise type(exc)(exc.detail, file=str(dst) + exc.file[len(str(tmp)):], tensor=exc.tensor) from None
             raise
         return manifest
 
@@ -263,8 +322,9 @@ def compress(source, config: HyperCompressionConfig | None = None, *, backend: s
     entries = compress_tensors(src, None, config, kernels, progress, timings)
     info = src.describe()
     info["sha256"] = src.source_hash()
-    extra = {f.name: f for f in src.extra_files}
-    return CompressedCheckpoint(entries, config, info, extra, timings.get("seconds", 0.0))
+    extra = {name: f for name, f in src.extra_file_map().items()}
+    return CompressedCheckpoint(entries, config, info, extra, timings.get("seconds", 0.0),
+                                tuple(src.protected_paths()))
 
 
 def _compress_mapping(sd, config, kernels, progress, timings, buffers) -> dict[str, TensorEntry]:

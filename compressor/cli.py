@@ -12,36 +12,57 @@ from pathlib import Path
 log = logging.getLogger("birkhoff")
 
 
+_OFF = "off"
+
+
+def _number_or_off(text: str):
+    if text.strip().lower() in ("off", "none"):
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="compress a checkpoint (file, Hugging Face directory or Hub id)")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p = sub.add_parser("compress", help="compress a checkpoint (file, Hugging Face directory or Hub model)")
+    p.add_argument("src", help="a .safetensors/.pt/.pth/.bin file, a model directory, or hf://org/name[@revision]")
+    p.add_argument("dst", help="the compressed checkpoint directory to create")
+    p.add_argument("--hub", action="store_true",
+                   help="take an org/name SRC that is no local path as a Hugging Face Hub model (same as hf://)")
     p.add_argument("--box-size", type=float, default=None, help="box side l (default 0.1)")
     p.add_argument("--points", default=None, help="candidate U values, comma-separated (default 1225,1600)")
     p.add_argument("--max-classes", type=int, default=None, help="K_max (default 3)")
     p.add_argument("--target-mae", type=float, default=None, help="stop searching below this MAE (default 0.001)")
     p.add_argument("--fallback-mae", type=float, default=None, help="keep a tensor raw above this MAE (default 0.006)")
+    p.add_argument("--relative-fallback", type=_number_or_off, default=None, metavar="FRACTION|off",
+                   help="also keep a tensor raw when its MAE is above this fraction of its spread (mean |w - mean w|); "
+                        "keeps near-zero and constant tensors exact (default 0.5; 'off': the paper's rules only)")
     p.add_argument("--raw", action="append", default=[], metavar="PATTERN",
                    help="keep tensors matching this glob raw (repeatable)")
     p.add_argument("--keep-nonfinite-raw", action="store_true", help="keep NaN/Inf tensors raw instead of failing")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--backend", choices=["auto", "reference", "numba-cpu", "numba-cuda"], default=None,
                    help="codec backend (overrides --device)")
-    p.add_argument("--max-shard-bytes", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="largest shard (default 2 GiB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing Birkhoff checkpoint at DST (never another folder or the source)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=_cmd_compress)
 
 
 def _cmd_compress(args) -> int:
     from .backends import DEVICE_TO_BACKEND, resolve_backend
-    from .checkpoint import DEFAULT_MAX_SHARD_BYTES, compress, directory_bytes
+    from .checkpoint import DEFAULT_MAX_SHARD_BYTES, check_destination, check_source_values, compress, directory_bytes
     from .config import TensorOverride, config_from_cli, parse_points
+    from .errors import ConfigError
     from .sources import open_source
 
+    # everything that can be refused is refused before the first tensor is encoded:
+    # settings, then the source (headers, file kinds, values), then the destination
     cfg = config_from_cli(
         box_size=args.box_size,
-        points=parse_points(args.points) if args.points else None,
+        points=parse_points(args.points) if args.points is not None else None,
         max_classes=args.max_classes,
         target_mae=args.target_mae,
         fallback_mae=args.fallback_mae,
@@ -51,14 +72,22 @@ def _cmd_compress(args) -> int:
         changes["overrides"] = tuple(TensorOverride(p, raw=True) for p in args.raw)
     if args.keep_nonfinite_raw:
         changes["nonfinite"] = "raw"
+    if args.relative_fallback is not None:
+        changes["relative_fallback"] = None if args.relative_fallback == _OFF else args.relative_fallback
     if changes:
         cfg = cfg.replace(**changes)
-    backend = resolve_backend(args.backend or DEVICE_TO_BACKEND[args.device])
+    shard_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_bytes is None else args.max_shard_bytes
+    if shard_bytes <= 0:
+        raise ConfigError(f"--max-shard-bytes must be a positive number of bytes, got {shard_bytes}")
+    src = open_source(args.src, hub=args.hub)
+    src.tensor_index()
+    check_destination(args.dst, overwrite=args.overwrite, protected=src.protected_paths())
+    check_source_values(src, cfg)
+    backend = resolve_backend(args.backend or DEVICE_TO_BACKEND[args.device])  # loads numba: after the checks
     log.info("backend %s (%s)", backend.backend.value, backend.reason)
-    src = open_source(args.src)
     ckpt = compress(src, cfg, backend=backend.kernels, progress=sys.stderr.isatty() or not args.json)
-    ckpt.save(args.dst, max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-              overwrite=args.overwrite, backend=backend.kernels)
+    ckpt.save(args.dst, max_shard_bytes=shard_bytes, overwrite=args.overwrite, backend=backend.kernels,
+              protected=src.protected_paths())
     st = ckpt.stats()
     original = src.weight_bytes
     compressed = directory_bytes(args.dst)
@@ -88,23 +117,46 @@ def _cmd_compress(args) -> int:
 def _add_decompress(sub) -> None:
     p = sub.add_parser("decompress", help="decode a compressed checkpoint into one safetensors file")
     p.add_argument("dst", help="compressed checkpoint directory")
-    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("out", help="output .safetensors file (its directory must exist)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing regular file at OUT (never the source, a checkpoint file, "
+                        "a directory or a device)")
     p.set_defaults(func=_cmd_decompress)
 
 
-def _cmd_decompress(args) -> int:
-    import os
+def _recorded_source_files(directory: Path, manifest: dict) -> list[str]:
+    """The source files the manifest records, where they still exist here: a
+    decompress must never write over the original."""
+    src = manifest.get("source") or {}
+    out = []
+    uri = src.get("uri")
+    if isinstance(uri, str) and uri and "://" not in uri:
+        p = Path(uri).expanduser()
+        out.append(str(p))
+        names = src.get("weight_files")
+        if isinstance(names, list) and p.is_dir():
+            out.extend(str(p / n) for n in names if isinstance(n, str) and "/" not in n)
+    return out
 
+
+def _cmd_decompress(args) -> int:
     from safetensors.torch import save_file
 
+    from . import destination as dest
+    from . import format as fmt
     from .checkpoint import CompressedCheckpoint
 
-    ckpt = CompressedCheckpoint.load(args.dst)
+    directory = Path(args.dst)
+    manifest = fmt.read_manifest(directory)  # validated and capped: cheap, before any decoding
+    checkpoint_files = [str(directory / n) for n in
+                        [fmt.MANIFEST_NAME, *manifest["shards"], *manifest["extra_files"]]]
+    guard = dict(protected_dirs=[str(directory)],
+                 protected_files=checkpoint_files + _recorded_source_files(directory, manifest))
+    dest.check_output_file(args.out, overwrite=args.overwrite, **guard)
+    ckpt = CompressedCheckpoint.load(directory)
     sd = {k: v.contiguous() for k, v in ckpt.state_dict().items()}
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(sd, str(tmp), metadata={"producer": "birkhoff decompress"})
-    os.replace(tmp, out)
+    out = dest.publish_file(lambda tmp: save_file(sd, tmp, metadata={"producer": "birkhoff decompress"}),
+                            args.out, overwrite=args.overwrite, **guard)
     print(f"wrote {len(sd)} tensors to {out}")
     return 0
 
@@ -114,30 +166,38 @@ def _add_inspect(sub) -> None:
     p.add_argument("dst")
     p.add_argument("--json", action="store_true")
     p.add_argument("--parquet", default=None, metavar="FILE", help="write the table as Parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Parquet FILE")
     p.set_defaults(func=_cmd_inspect)
 
 
 def _cmd_inspect(args) -> int:
+    from . import destination as dest
     from .format import read_manifest
     from .report import manifest_rows, write_parquet
 
     manifest = read_manifest(Path(args.dst))
     rows = manifest_rows(manifest)
     if args.parquet:
-        write_parquet(rows, args.parquet)
+        guard = dict(protected_dirs=[str(args.dst)])
+        dest.check_output_file(args.parquet, overwrite=args.overwrite, **guard)
+        dest.publish_file(lambda tmp: write_parquet(rows, tmp, atomic=False), args.parquet,
+                          overwrite=args.overwrite, **guard)
     if args.json:
         print(json.dumps(rows))
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{args.dst} ({len(rows)} tensors)")
+    # names, paths and reasons come from files: plain Text, never parsed as rich markup
+    table = Table(title=Text(f"{args.dst} ({len(rows)} tensors)"))
     for col in ("name", "shape", "dtype", "U", "K", "bits", "MAE", "raw"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["dtype"], str(r["U"] or "-"),
-                      str(r["K"] if r["K"] is not None else "-"), str(r["bits"] or "-"),
-                      f"{r['mae']:.3g}", r["raw_reason"] or ("" if not r["raw"] else "yes"))
+        cells = (r["name"], "x".join(map(str, r["shape"])), r["dtype"], str(r["U"] or "-"),
+                 str(r["K"] if r["K"] is not None else "-"), str(r["bits"] or "-"),
+                 f"{r['mae']:.3g}", r["raw_reason"] or ("" if not r["raw"] else "yes"))
+        table.add_row(*(Text(str(c)) for c in cells))
     Console().print(table)
     return 0
 
@@ -172,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("failed after %.2f s", time.perf_counter() - t0, exc_info=True)
         print(f"birkhoff {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system said no somewhere we did not foresee: still name the file
+        log.debug("failed after %.2f s", time.perf_counter() - t0, exc_info=True)
+        where = ", ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        print(f"birkhoff {args.command}: error: {type(exc).__name__}: {exc.strerror or exc}"
+              + (f" (file {where})" if where else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"birkhoff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

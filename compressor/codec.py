@@ -18,11 +18,15 @@ import torch
 from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
 from .config import HyperCompressionConfig
-from .errors import NonFiniteTensorError
+from .errors import NonFiniteTensorError, OutOfRangeTensorError
 
 log = logging.getLogger(__name__)
 
 CODEC_VERSION = 1
+
+#: largest |w| the codec takes: the float64 geometry squares differences of
+#: values (radius, distances), which overflows to inf near 1.3e154
+MAX_ABS_VALUE = 1e150
 
 _FLOAT_DTYPES = {
     torch.float32: "float32",
@@ -160,6 +164,60 @@ def _raw(name: str, tensor: torch.Tensor, reason: str) -> RawTensor:
     return RawTensor(name, tensor.detach().to("cpu").contiguous().clone(), reason)
 
 
+def _spread(w64: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Mean absolute deviation from the mean, in float64, in chunks (no temporary
+    the size of the tensor)."""
+    flat = w64.reshape(-1)
+    if flat.size == 0:
+        return 0.0
+    mean = float(flat.mean())
+    total = 0.0
+    for i in range(0, flat.size, chunk):
+        total += float(np.abs(flat[i:i + chunk] - mean).sum())
+    return total / flat.size
+
+
+def _compressible(name: str, tensor: torch.Tensor, config: HyperCompressionConfig, is_buffer: bool) -> str | None:
+    """Why a tensor stays raw before any numeric work (None: try to compress it)."""
+    if config.settings_for(name).raw:
+        return "override"
+    if is_buffer:
+        return "buffer"
+    if tensor.dtype not in _FLOAT_DTYPES:
+        return "non-float"
+    if tensor.numel() < config.min_elements:
+        return "small"
+    return None
+
+
+def value_problem(name: str, tensor: torch.Tensor, config: HyperCompressionConfig | None = None, *,
+                  file: str | None = None, is_buffer: bool = False) -> str | None:
+    """Check a source tensor's values before compressing it: NaN/Inf, or values too
+    large for the codec's float64 geometry. Raises the typed error (naming the
+    file and the tensor) when ``config.nonfinite == "error"``; returns the raw
+    reason (``"nonfinite"``) when such tensors are to be kept raw; None when the
+    tensor is fine or stays raw anyway. Cheap: one pass, no encoding."""
+    config = config or HyperCompressionConfig()
+    if _compressible(name, tensor, config, is_buffer) is not None:
+        return None
+    t = tensor.detach()
+    finite = bool(torch.isfinite(t).all())
+    peak = float(t.abs().max()) if finite else float("inf")
+    if finite and peak <= MAX_ABS_VALUE:
+        return None
+    if config.nonfinite == "raw":
+        log.warning("%s holds %s: kept raw as configured", name, "NaN/Inf" if not finite else f"|w| up to {peak:.3g}")
+        return "nonfinite"
+    if not finite:
+        raise NonFiniteTensorError(
+            "tensor holds NaN or Inf (set nonfinite='raw' / --keep-nonfinite-raw to keep such tensors uncompressed)",
+            file=file, tensor=name)
+    raise OutOfRangeTensorError(
+        f"tensor holds values up to |w| = {peak:.3g}, above the codec's limit of {MAX_ABS_VALUE:.0e} (its float64 "
+        "geometry would overflow); set nonfinite='raw' / --keep-nonfinite-raw to keep such tensors uncompressed",
+        file=file, tensor=name)
+
+
 def compress_tensor(
     name: str,
     tensor: torch.Tensor,
@@ -176,24 +234,23 @@ def compress_tensor(
     config = config or HyperCompressionConfig()
     kernels = backend if isinstance(backend, Kernels) else resolve_backend(backend).kernels
     settings = config.settings_for(name)
-    if settings.raw:
-        return _raw(name, tensor, "override")
-    if is_buffer:
-        return _raw(name, tensor, "buffer")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        return _raw(name, tensor, "non-float")
-    if tensor.numel() < config.min_elements:
-        return _raw(name, tensor, "small")
+    reason = _compressible(name, tensor, config, is_buffer)
+    if reason is not None:
+        return _raw(name, tensor, reason)
+    reason = value_problem(name, tensor, config, file=file, is_buffer=is_buffer)
+    if reason is not None:
+        return _raw(name, tensor, reason)
 
     w64 = tensor.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(w64).all():
-        if config.nonfinite == "raw":
-            log.warning("%s holds NaN/Inf: kept raw as configured", name)
-            return _raw(name, tensor, "nonfinite")
-        raise NonFiniteTensorError(
-            "tensor holds NaN or Inf (set nonfinite='raw' to keep such tensors uncompressed)",
-            file=file, tensor=name,
-        )
+    # The lattice cannot hit a constant exactly, and its spacing (l/sqrt(U)) dwarfs a
+    # near-zero tensor: both would decode to lattice noise however small the
+    # absolute error. The spread (mean |w - mean w|) is the scale the error is
+    # measured against (relative_fallback below); zero spread means constant.
+    spread = None
+    if settings.relative_fallback is not None:
+        if w64.min() == w64.max():
+            return _raw(name, tensor, "constant")
+        spread = _spread(w64)
 
     shape = tuple(tensor.shape)
     layout = qp.choose_layout(shape)
@@ -221,6 +278,10 @@ def compress_tensor(
     search_mae, U, K, theta = best
     if search_mae > settings.fallback_mae:
         return _raw(name, tensor, "fallback")
+    if spread is not None and search_mae > settings.relative_fallback * spread:
+        log.debug("%s: MAE %.3g is above %.3g x its spread %.3g: kept raw", name, search_mae,
+                  settings.relative_fallback, spread)
+        return _raw(name, tensor, "relative")
 
     bits = qp.bits_for(int(theta.max()) if theta.size else 0)
     theta = theta.astype(np.uint16) if bits <= 16 else theta.astype(np.uint32)

@@ -26,7 +26,9 @@ class _Located(BirkhoffError):
         if self.file is not None:
             where.append(f"file {self.file}")
         if tensor is not None:
-            where.append(f"tensor {tensor!r}")
+            shown = repr(tensor)
+            # a name can be megabytes long in a malformed file: the message shows its start
+            where.append(f"tensor {shown if len(shown) <= 300 else shown[:300] + '...'}")
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
 
     def __reduce__(self):  # keep the fields across Ray / pickling boundaries
@@ -99,3 +101,17 @@ class MissingFileError(MissingTensorError):
 
 class ShardHeaderError(FormatError):
     """A shard's safetensors header is malformed (not JSON, bad dtype, shape or offsets)."""
+
+
+class DestinationError(_Located, ValueError):
+    """A destination cannot be written: its parent is missing, a file or not
+    writable, or it overlaps the source. Checked before any work starts."""
+
+
+class CheckpointExistsError(DestinationError, FileExistsError):
+    """Something exists at the destination and is not replaced: overwrite was not
+    asked, or what is there is not a Birkhoff checkpoint / a regular file."""
+
+
+class OutOfRangeTensorError(SourceError):
+    """A source tensor's values are too large for the codec's float64 geometry."""

@@ -87,8 +87,14 @@ class LoadLimits:
     max_total_bytes: int = 256 * _GiB  # all shards, extra files, and all decoded tensors
     max_classes: int = 64  # K
     max_points_U: int = 2**24
+    # U*(K+1): entries of a tensor's float64 decode tables (two of them). U and K
+    # are each capped above, but the table costs their product
+    max_decode_table: int = 2**22
     max_ndim: int = 8
     max_tensors: int = 1_000_000
+    # JSON containers and elements of the manifest, counted before parsing: a
+    # parsed empty list costs ~60 bytes for its 3 bytes of text
+    max_manifest_nodes: int = 2_000_000
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -121,12 +127,17 @@ _ST_ITEMSIZE = {
 # writing checks structure, not the caps: those belong to whoever loads
 _WRITE_LIMITS = LoadLimits(max_manifest_bytes=1 << 62, max_header_bytes=1 << 62, max_tensor_bytes=1 << 62,
                            max_total_bytes=1 << 62, max_classes=1 << 30, max_points_U=1 << 32,
-                           max_ndim=1 << 10, max_tensors=1 << 62)
+                           max_decode_table=1 << 62, max_ndim=1 << 10, max_tensors=1 << 62,
+                           max_manifest_nodes=1 << 62)
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TOP_REQUIRED = ("format", "format_version", "producer", "codec_version", "config", "source",
                  "extra_files", "shards", "tensors")
+# per tensor a safetensors header needs its (JSON-escaped) name and about 100
+# bytes of dtype/shape/offsets; anything far above is not a header we wrote
+_HEADER_BYTES_PER_TENSOR = 512
+_HEADER_BYTES_FIXED = 4096
 _RAW_KEYS = frozenset({"raw", "raw_reason", "shape", "dtype", "shard", "sha256"})
 _COMPRESSED_KEYS = frozenset({
     "raw", "shape", "dtype", "layout", "pad", "n_points", "centroid", "radius", "box_size",
@@ -143,6 +154,17 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite_num(v: Any) -> bool:
+    """A JSON number that is a finite float64 (a 400-digit integer is not: it has
+    no float value and would raise later, where it is used)."""
+    if not _is_num(v):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -172,9 +194,9 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    from .destination import _umask as umask
+
+    return umask()
 
 
 @contextlib.contextmanager
@@ -276,7 +298,19 @@ class _DuplicateKeys:
         return d
 
 
-def _parse_json(raw: bytes, path: str, error: type):
+def json_nodes(raw: bytes) -> int:
+    """An upper bound on the containers and elements JSON text parses into
+    (brackets and commas inside strings count too): what parsing will allocate
+    is bounded by this, so it is checked before parsing."""
+    return raw.count(b"[") + raw.count(b"{") + raw.count(b",") + 1
+
+
+def _parse_json(raw: bytes, path: str, error: type, max_nodes: int | None = None):
+    if max_nodes is not None:
+        nodes = json_nodes(raw)
+        if nodes > max_nodes:
+            raise SizeLimitError(f"JSON text of {len(raw)} bytes holds up to {nodes} values, above the cap of "
+                                 f"{max_nodes}", file=path)
     dups = _DuplicateKeys()
     try:
         text = raw.decode("utf-8")
@@ -361,6 +395,19 @@ def copy_extra_file(src_path, directory, name: str) -> dict:
         dst.flush()
         os.fsync(dst.fileno())
     return {"bytes": n, "sha256": digest}
+
+
+def write_extra_bytes(content: bytes, directory, name: str) -> dict:
+    """Write an architecture file given as bytes (a module's ``config.json``) into
+    the checkpoint atomically; returns ``{"bytes", "sha256"}``."""
+    directory = os.fspath(directory)
+    if not is_plain_name(name) or name == MANIFEST_NAME or name.endswith(SHARD_SUFFIX):
+        raise ConfigError(f"extra file name {name!r} must be a plain file name, not the manifest or a shard")
+    with _atomic_file(directory, name) as tmp, open(tmp, "wb") as dst:
+        dst.write(content)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
 
 
 def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int, prefix: str = "shard") -> dict[str, list[str]]:
@@ -448,9 +495,18 @@ class _Spec(NamedTuple):
     n_codes: int = 0  # U * (K + 1): every index must be below it
 
 
+def _short(v: Any, n: int = 80) -> str:
+    """``repr`` cut short: an error message must not echo a 60 MB value."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int too long to print
+        return f"<{type(v).__name__} too large to print>"
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _check_sha(v: Any, path: str, what: str, tensor: str | None = None) -> str:
     if not (isinstance(v, str) and _SHA256.match(v)):
-        raise ManifestError(f"{what}: sha256 must be 64 lowercase hex digits, got {v!r}", file=path, tensor=tensor)
+        raise ManifestError(f"{what}: sha256 must be 64 lowercase hex digits, got {_short(v)}", file=path, tensor=tensor)
     return v
 
 
@@ -461,32 +517,32 @@ def _check_files(section: Any, path: str, label: str, limits: LoadLimits) -> int
     total = 0
     for name, rec in section.items():
         if not is_plain_name(name):
-            raise ManifestError(f"{label}: file name {name!r} is not a plain file name "
+            raise ManifestError(f"{label}: file name {_short(name)} is not a plain file name "
                                 "(no path separators, no '..')", file=path)
         if name == MANIFEST_NAME:
-            raise ManifestError(f"{label}: {name!r} is reserved", file=path)
+            raise ManifestError(f"{label}: {_short(name)} is reserved", file=path)
         if not isinstance(rec, dict) or set(rec) != {"bytes", "sha256"}:
-            raise ManifestError(f"{label}[{name!r}] must hold exactly 'bytes' and 'sha256'", file=path)
+            raise ManifestError(f"{label}[{_short(name)}] must hold exactly 'bytes' and 'sha256'", file=path)
         n = rec["bytes"]
         if not _is_int(n) or n < 0:
-            raise ManifestError(f"{label}[{name!r}].bytes must be an integer >= 0, got {n!r}", file=path)
+            raise ManifestError(f"{label}[{_short(name)}].bytes must be an integer >= 0, got {_short(n)}", file=path)
         if n > limits.max_total_bytes:
-            raise SizeLimitError(f"{label}[{name!r}] declares {n} bytes, above max_total_bytes="
+            raise SizeLimitError(f"{label}[{_short(name)}] declares {n} bytes, above max_total_bytes="
                                  f"{limits.max_total_bytes}", file=path)
-        _check_sha(rec["sha256"], path, f"{label}[{name!r}]")
+        _check_sha(rec["sha256"], path, f"{label}[{_short(name)}]")
         total += n
     return total
 
 
 def _check_shape(v: Any, path: str, name: str, limits: LoadLimits) -> tuple[int, ...]:
     if not isinstance(v, list):
-        raise ManifestError(f"shape must be a list, got {v!r}", file=path, tensor=name)
+        raise ManifestError(f"shape must be a list, got {_short(v)}", file=path, tensor=name)
     if len(v) > limits.max_ndim:
         raise SizeLimitError(f"shape has {len(v)} dimensions, above max_ndim={limits.max_ndim}",
                              file=path, tensor=name)
     for d in v:
         if not _is_int(d) or d < 0:
-            raise ManifestError(f"shape must hold integers >= 0, got {v!r}", file=path, tensor=name)
+            raise ManifestError(f"shape must hold integers >= 0, got {_short(v)}", file=path, tensor=name)
     return tuple(v)
 
 
@@ -506,7 +562,7 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
         raise bad("entry must be an object")
     raw = e.get("raw")
     if not isinstance(raw, bool):
-        raise bad(f"'raw' must be true or false, got {raw!r}")
+        raise bad(f"'raw' must be true or false, got {_short(raw)}")
     keys = _RAW_KEYS if raw else _COMPRESSED_KEYS
     missing = keys - set(e)
     if missing:
@@ -517,13 +573,13 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
         raise bad(f"entry has unknown keys {sorted(unknown)} (format version {FORMAT_VERSION})")
     shard = e["shard"]
     if not is_plain_name(shard):
-        raise bad(f"shard {shard!r} is not a plain file name (no path separators, no '..')")
+        raise bad(f"shard {_short(shard)} is not a plain file name (no path separators, no '..')")
     if shard not in shards:
-        raise bad(f"shard {shard!r} is not listed in 'shards'")
+        raise bad(f"shard {_short(shard)} is not listed in 'shards'")
     sha = _check_sha(e["sha256"], path, "entry", name)
     dtype = e["dtype"]
     if dtype not in _STORED:
-        raise bad(f"unknown dtype {dtype!r}; known: {sorted(_STORED)}")
+        raise bad(f"unknown dtype {_short(dtype)}; known: {sorted(_STORED)}")
     shape = _check_shape(e["shape"], path, name, limits)
     numel = _numel(shape)
     itemsize = _STORED[dtype][1]
@@ -536,7 +592,7 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
         return _Spec(name, shard, sha, True, dtype, shape, decoded), decoded
 
     if dtype not in _FLOAT_NAMES:
-        raise bad(f"a compressed tensor must have a float dtype, got {dtype!r}")
+        raise bad(f"a compressed tensor must have a float dtype, got {_short(dtype)}")
     layout = e["layout"]
     pad = e["pad"]
     if layout == qp.LAYOUT_ROWS:
@@ -548,37 +604,40 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
         want_points = (numel + 1) // 2
         want_pad = numel % 2 == 1
     else:
-        raise bad(f"layout must be {qp.LAYOUT_ROWS!r} or {qp.LAYOUT_FLAT!r}, got {layout!r}")
+        raise bad(f"layout must be {qp.LAYOUT_ROWS!r} or {qp.LAYOUT_FLAT!r}, got {_short(layout)}")
     if pad is not want_pad:
-        raise bad(f"pad={pad!r} does not match shape {list(shape)} in layout {layout!r}")
+        raise bad(f"pad={_short(pad)} does not match shape {list(shape)} in layout {_short(layout)}")
     n_points = e["n_points"]
     if not _is_int(n_points) or n_points != want_points:
-        raise bad(f"n_points={n_points!r} does not match shape {list(shape)} in layout {layout!r} "
+        raise bad(f"n_points={_short(n_points)} does not match shape {list(shape)} in layout {_short(layout)} "
                   f"(expected {want_points})")
     U, K, bits = e["U"], e["K"], e["bits"]
     if not _is_int(U) or U < 1:
-        raise bad(f"U must be an integer >= 1, got {U!r}")
+        raise bad(f"U must be an integer >= 1, got {_short(U)}")
     if U > limits.max_points_U:
         raise SizeLimitError(f"U={U} is above max_points_U={limits.max_points_U}", file=path, tensor=name)
     if not _is_int(K) or K < 0:
-        raise bad(f"K must be an integer >= 0, got {K!r}")
+        raise bad(f"K must be an integer >= 0, got {_short(K)}")
     if K > limits.max_classes:
         raise SizeLimitError(f"K={K} is above max_classes={limits.max_classes}", file=path, tensor=name)
     n_codes = U * (K + 1)
+    if n_codes > limits.max_decode_table:
+        raise SizeLimitError(f"U*(K+1)={n_codes} decode-table entries, above max_decode_table="
+                             f"{limits.max_decode_table}", file=path, tensor=name)
     max_bits = max(1, (n_codes - 1).bit_length())
     if not _is_int(bits) or not 1 <= bits <= min(32, max_bits):
-        raise bad(f"bits={bits!r} is inconsistent with U={U}, K={K} (must be 1..{min(32, max_bits)})")
+        raise bad(f"bits={_short(bits)} is inconsistent with U={U}, K={K} (must be 1..{min(32, max_bits)})")
     c = e["centroid"]
-    if not (isinstance(c, list) and len(c) == 2 and all(_is_num(x) and math.isfinite(x) for x in c)):
-        raise bad(f"centroid must be two finite numbers, got {c!r}")
+    if not (isinstance(c, list) and len(c) == 2 and all(_is_finite_num(x) for x in c)):
+        raise bad(f"centroid must be two finite numbers, got {_short(c)}")
     radius, box = e["radius"], e["box_size"]
-    if not (_is_num(radius) and math.isfinite(radius) and radius >= 0):
-        raise bad(f"radius must be a finite number >= 0, got {radius!r}")
-    if not (_is_num(box) and math.isfinite(box) and box > 0):
-        raise bad(f"box_size must be a finite number > 0, got {box!r}")
-    for key in ("mae", "abs_error_sum"):  # reported figures: never used to decode
-        if not _is_num(e[key]):
-            raise bad(f"{key!r} must be a number, got {e[key]!r}")
+    if not (_is_finite_num(radius) and radius >= 0):
+        raise bad(f"radius must be a finite number >= 0, got {_short(radius)}")
+    if not (_is_finite_num(box) and box > 0):
+        raise bad(f"box_size must be a finite number > 0, got {_short(box)}")
+    for key in ("mae", "abs_error_sum"):  # reported figures: never used to decode, but read as floats
+        if not (_is_finite_num(e[key]) and e[key] >= 0):
+            raise bad(f"{key!r} must be a finite number >= 0, got {_short(e[key])}")
     packed = qp.packed_nbytes(n_points, bits)
     _check_size(packed, "packed index stream", path, name, limits)
     spec = _Spec(name, shard, sha, False, dtype, (packed,), packed, n_points, bits, n_codes)
@@ -590,21 +649,26 @@ def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
         raise ManifestError(f"manifest must be a JSON object, got {type(manifest).__name__}", file=path)
     fmt = manifest.get("format")
     if fmt != FORMAT_NAME:
-        raise UnknownFormatError(f"format {fmt!r} is not {FORMAT_NAME!r}", file=path)
+        raise UnknownFormatError(f"format {_short(fmt)} is not {FORMAT_NAME!r}", file=path)
     ver = manifest.get("format_version")
     if not _is_int(ver) or ver != FORMAT_VERSION:
-        raise UnknownFormatError(f"format_version {ver!r} is unknown; this build reads version {FORMAT_VERSION}",
+        raise UnknownFormatError(f"format_version {_short(ver)} is unknown; this build reads version {FORMAT_VERSION}",
                                  file=path)
     missing = [k for k in _TOP_REQUIRED if k not in manifest]
     if missing:
         raise ManifestError(f"manifest lacks {missing}", file=path)
+    # an unknown field could change what the checkpoint means: refuse, as for entries
+    unknown = sorted(set(manifest) - set(_TOP_REQUIRED))
+    if unknown:
+        raise ManifestError(f"manifest has unknown fields {unknown[:8]} (format version {FORMAT_VERSION})",
+                            file=path)
     cv = manifest["codec_version"]
     if not _is_int(cv) or cv != CODEC_VERSION:
-        raise UnknownFormatError(f"codec_version {cv!r} is unknown; this build decodes version {CODEC_VERSION}",
+        raise UnknownFormatError(f"codec_version {_short(cv)} is unknown; this build decodes version {CODEC_VERSION}",
                                  file=path)
     prod = manifest["producer"]
     if not (isinstance(prod, dict) and isinstance(prod.get("name"), str) and isinstance(prod.get("version"), str)):
-        raise ManifestError(f"producer must be an object with string 'name' and 'version', got {prod!r}", file=path)
+        raise ManifestError(f"producer must be an object with string 'name' and 'version', got {_short(prod)}", file=path)
     if not isinstance(manifest["source"], dict):
         raise ManifestError("'source' must be an object", file=path)
     try:
@@ -617,9 +681,9 @@ def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
     total += _check_files(shards, path, "shards", limits)
     for name in shards:
         if not name.endswith(SHARD_SUFFIX):
-            raise ManifestError(f"shard name {name!r} must end in {SHARD_SUFFIX}", file=path)
+            raise ManifestError(f"shard name {_short(name)} must end in {SHARD_SUFFIX}", file=path)
         if name in manifest["extra_files"]:
-            raise ManifestError(f"{name!r} is listed both as a shard and as an extra file", file=path)
+            raise ManifestError(f"{_short(name)} is listed both as a shard and as an extra file", file=path)
 
     tensors = manifest["tensors"]
     if not isinstance(tensors, dict):
@@ -630,7 +694,7 @@ def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
     used: set[str] = set()
     for name, e in tensors.items():
         if not name or name == _SAFETENSORS_METADATA:
-            raise ManifestError(f"invalid tensor name {name!r}", file=path, tensor=name)
+            raise ManifestError(f"invalid tensor name {_short(name)}", file=path, tensor=name)
         spec, decoded = _entry_spec(name, e, shards, path, limits)
         total += decoded
         if total > limits.max_total_bytes:
@@ -648,14 +712,14 @@ def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
 
 
 def _manifest_from_bytes(raw: bytes, path: str, limits: LoadLimits) -> tuple[dict, dict[str, _Spec]]:
-    obj, dups = _parse_json(raw, path, ManifestError)
+    obj, dups = _parse_json(raw, path, ManifestError, limits.max_manifest_nodes)
     if dups:
         tensors = obj.get("tensors") if isinstance(obj, dict) else None
         for key, holder in dups:
             if holder is tensors:
                 raise DuplicateTensorError("tensor name appears twice in the manifest", file=path, tensor=key)
         key, _ = dups[0]
-        raise ManifestError(f"duplicate JSON key {key!r}", file=path)
+        raise ManifestError(f"duplicate JSON key {_short(key)}", file=path)
     return obj, _validate(obj, path, limits)
 
 
@@ -670,7 +734,8 @@ def read_manifest(directory, limits: LoadLimits = LoadLimits()) -> dict:
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isdir(directory):
-        raise ManifestError("checkpoint directory does not exist", file=directory)
+        what = "does not exist" if not os.path.lexists(directory) else "is not a directory"
+        raise ManifestError(f"checkpoint directory {what}", file=directory)
     try:
         f, size = _open_regular(path, ManifestError, "manifest")
     except ManifestError as exc:
@@ -699,8 +764,19 @@ class _HeaderEntry(NamedTuple):
     end: int
 
 
-def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh) -> tuple[int, dict[str, _HeaderEntry]]:
-    """Parse and sanity-check a safetensors header; returns (data start, entries)."""
+def _header_budget(specs: list[_Spec], limits: LoadLimits) -> int:
+    """The most header bytes a shard holding ``specs`` can need: its names (JSON
+    escaping at most sixfold) plus a fixed amount per tensor and for metadata.
+    Parsing is bounded by what the manifest declares, not by the file's claim."""
+    need = _HEADER_BYTES_FIXED + sum(6 * len(s.name.encode("utf-8", "surrogatepass")) + _HEADER_BYTES_PER_TENSOR
+                                     for s in specs)
+    return min(limits.max_header_bytes, need)
+
+
+def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh,
+                        budget: int | None = None) -> tuple[int, dict[str, _HeaderEntry]]:
+    """Parse and sanity-check a safetensors header; returns (data start, entries).
+    ``budget`` caps the header size below ``limits.max_header_bytes``."""
     if file_size < 8:
         raise TruncatedDataError(f"shard is {file_size} bytes, shorter than the 8-byte header length", file=path)
     head = _read_exact(f, 8, path, "header length")
@@ -709,6 +785,9 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh) ->
     if n > limits.max_header_bytes:
         raise SizeLimitError(f"safetensors header declares {n} bytes, above max_header_bytes="
                              f"{limits.max_header_bytes}", file=path)
+    if budget is not None and n > budget:
+        raise SizeLimitError(f"safetensors header declares {n} bytes; the tensors the manifest lists for this "
+                             f"shard need at most {budget}", file=path)
     if 8 + n > file_size:
         raise TruncatedDataError(f"safetensors header length {n} points past the end of the "
                                  f"{file_size}-byte file", file=path)
@@ -719,7 +798,7 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh) ->
         key, holder = dups[0]
         if holder is obj:
             raise DuplicateTensorError("tensor name appears twice in the shard header", file=path, tensor=key)
-        raise ShardHeaderError(f"duplicate JSON key {key!r} in the shard header", file=path)
+        raise ShardHeaderError(f"duplicate JSON key {_short(key)} in the shard header", file=path)
     if not isinstance(obj, dict):
         raise ShardHeaderError("safetensors header must be a JSON object", file=path)
     entries: dict[str, _HeaderEntry] = {}
@@ -732,12 +811,12 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh) ->
             raise ShardHeaderError("header entry must hold exactly dtype, shape, data_offsets", file=path, tensor=name)
         dt, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
         if dt not in _ST_ITEMSIZE:
-            raise ShardHeaderError(f"unknown safetensors dtype {dt!r}", file=path, tensor=name)
+            raise ShardHeaderError(f"unknown safetensors dtype {_short(dt)}", file=path, tensor=name)
         if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(_is_int(d) and d >= 0 for d in shape)):
-            raise ShardHeaderError(f"invalid shape {shape!r}", file=path, tensor=name)
+            raise ShardHeaderError(f"invalid shape {_short(shape)}", file=path, tensor=name)
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
                 and offs[0] <= offs[1]):
-            raise ShardHeaderError(f"invalid data_offsets {offs!r}", file=path, tensor=name)
+            raise ShardHeaderError(f"invalid data_offsets {_short(offs)}", file=path, tensor=name)
         if offs[1] - offs[0] != _numel(shape) * _ST_ITEMSIZE[dt]:
             raise ShardHeaderError(f"data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} of "
                                    f"{dt} needs {_numel(shape) * _ST_ITEMSIZE[dt]}", file=path, tensor=name)
@@ -809,7 +888,7 @@ def _load_shard(directory: str, shard: str, declared: dict, specs: list[_Spec], 
         if size != declared["bytes"]:
             raise TruncatedDataError(f"shard is {size} bytes, the manifest declares {declared['bytes']}", file=path)
         fh = hashlib.sha256()
-        data_start, entries = _parse_shard_header(f, path, size, limits, fh)
+        data_start, entries = _parse_shard_header(f, path, size, limits, fh, _header_budget(specs, limits))
         by_name = {s.name: s for s in specs}
         for name in entries:
             if name not in by_name:

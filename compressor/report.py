@@ -31,7 +31,9 @@ def manifest_rows(manifest: dict) -> list[dict]:
     return rows
 
 
-def write_parquet(rows: list[dict], path) -> Path:
+def write_parquet(rows: list[dict], path, *, atomic: bool = True) -> Path:
+    """Write the rows as Parquet; ``atomic`` writes a temporary beside ``path`` and
+    renames it (callers that publish the file themselves pass False)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -42,7 +44,14 @@ def write_parquet(rows: list[dict], path) -> Path:
     ])
     table = pa.Table.from_pylist([{c: r.get(c) for c in REPORT_COLUMNS} for r in rows], schema=schema)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    if not atomic:
+        pq.write_table(table, str(path))
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

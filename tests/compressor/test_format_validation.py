@@ -273,6 +273,26 @@ MANIFEST_CASES = [
     ("K-over-cap", _set(["tensors", W, "K"], 65), SizeLimitError, W),
     ("ndim-over-cap", _set(["tensors", I, "shape"], [1] * 9), SizeLimitError, I),
     ("bad-config", _set(["config", "box_size"], -1.0), ManifestError, None),
+    # cases of issue 9: nonsense the loader used to accept, or met with a traceback
+    ("unknown-top-level-field", _set(["signature"], "x"), ManifestError, None),
+    ("mae-nan", _set(["tensors", W, "mae"], float("nan")), ManifestError, W),
+    ("mae-negative", _set(["tensors", W, "mae"], -5), ManifestError, W),
+    ("mae-400-digit-int", _set(["tensors", W, "mae"], 10**400), ManifestError, W),
+    ("abs-error-sum-inf", _set(["tensors", B, "abs_error_sum"], float("inf")), ManifestError, B),
+    ("radius-400-digit-int", _set(["tensors", W, "radius"], 10**400), ManifestError, W),
+    ("centroid-400-digit-int", _set(["tensors", W, "centroid"], [10**400, 0.0]), ManifestError, W),
+    ("box-size-string", _set(["tensors", W, "box_size"], "0.1"), ManifestError, W),
+    # U and K each within their caps, their product (the decode table) not
+    ("decode-table-U24-K3", lambda m: m["tensors"][W].update(U=2**24, K=3, bits=26), SizeLimitError, W),
+    ("decode-table-U22-K64", lambda m: m["tensors"][W].update(U=2**22, K=64, bits=29), SizeLimitError, W),
+    ("overrides-unknown-key", _set(["config", "overrides"], [{"pattern": "a", "colour": 1}]), ManifestError, None),
+    ("overrides-no-pattern", _set(["config", "overrides"], [{"raw": True}]), ManifestError, None),
+    ("overrides-not-a-list", _set(["config", "overrides"], {"pattern": "a"}), ManifestError, None),
+    ("config-points-string", _set(["config", "points"], ["abc"]), ManifestError, None),
+    ("config-points-float", _set(["config", "points"], [1600.9]), ManifestError, None),
+    ("config-points-inf", _set(["config", "points"], [1e999]), ManifestError, None),
+    ("config-mae-400-digits", _set(["config", "target_mae"], 10**400), ManifestError, None),
+    ("config-fallback-below-target", _set(["config", "fallback_mae"], 0.0001), ManifestError, None),
 ]
 
 
@@ -616,3 +636,67 @@ def test_every_dtype_and_wide_indices_round_trip(tmp_path):
         assert out[r.name].dtype == r.tensor.dtype and torch.equal(out[r.name], r.tensor), r.name
     assert out["wide"].dtype == np.uint32
     np.testing.assert_array_equal(out["wide"], theta)
+
+
+# -- costs bounded by what the files hold, not by what their fields claim (issue 9) ----------
+
+def test_decode_table_product_refused_before_allocating(ck):
+    """A tiny checkpoint declaring U = 2**24 and K = 3 (each within its cap): the
+    decode table would be 2**26 float64 entries, twice. Refused with nothing allocated."""
+    ck.write()
+    ck.manifest["tensors"][W].update(U=2**24, K=3, bits=26)
+    ck.write_manifest_text()
+    from compressor.checkpoint import CompressedCheckpoint
+
+    tracemalloc.start()
+    try:
+        expect(SizeLimitError, lambda: CompressedCheckpoint.load(ck.dir), file=fmt.MANIFEST_NAME, tensor=W,
+               match="U*(K+1)")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+def test_manifest_full_of_empty_lists_is_refused_unparsed(ck):
+    """60 MB of ``[],`` (under the 64 MiB size cap) would parse into ~20M lists
+    (about 1.9 GB). The value count is bounded before parsing."""
+    ck.write()
+    m = dict(ck.manifest, source={"junk": None})
+    text = json.dumps(m, sort_keys=True)
+    junk = "[" + "[]," * (20 * 2**20) + "[]]"
+    ck.write_manifest_text(text.replace('"junk": null', '"junk": ' + junk))
+    assert os.path.getsize(ck.path(fmt.MANIFEST_NAME)) > 60 * 10**6
+    tracemalloc.start()
+    try:
+        expect(SizeLimitError, lambda: fmt.read_manifest(ck.dir), file=fmt.MANIFEST_NAME, match="values")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20, peak  # the file's bytes (read once), nothing parsed from them
+    # the same for nested dicts, under a lower cap
+    ck.write_manifest_text(text.replace('"junk": null', '"junk": [' + ",".join(["{}"] * 5000) + "]"))
+    expect(SizeLimitError, lambda: fmt.read_manifest(ck.dir, fmt.LoadLimits(max_manifest_nodes=1000)),
+           file=fmt.MANIFEST_NAME)
+    # a normal manifest is far below the default cap
+    ck.write_manifest_text()
+    assert fmt.json_nodes(open(ck.path(fmt.MANIFEST_NAME), "rb").read()) < 200
+
+
+def test_shard_header_larger_than_its_tensors_need_is_refused_unparsed(ck):
+    """A shard header padded to megabytes (metadata, junk) is refused by the size
+    its manifest-declared tensors can need, before it is parsed."""
+    ck.write()
+    header, body = split_shard(ck.path(S1))
+    header["__metadata__"] = {"format": fmt.FORMAT_NAME, "pad": "x" * (2 << 20)}
+    join_shard(ck.path(S1), json.dumps(header), body)
+    ck.refresh_shard(S1)
+    expect(SizeLimitError, ck.load, file=S1, match="need at most")
+
+
+def test_error_messages_do_not_echo_huge_values(ck):
+    ck.write()
+    ck.manifest["tensors"][W]["layout"] = "r" * (1 << 20)
+    ck.write_manifest_text()
+    err = expect(ManifestError, lambda: fmt.read_manifest(ck.dir), tensor=W)
+    assert len(str(err)) < 2000

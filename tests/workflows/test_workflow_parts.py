@@ -59,7 +59,7 @@ def test_zoo_files_parse():
     sam = load_zoo(ROOT / "infra" / "zoo" / "sam.yaml")
     names = {m.name: m for m in sam.models}
     assert names["sam-vit-base"].config.points == (1600,)
-    assert names["sam-vit-base"].source == "facebook/sam-vit-base"
+    assert names["sam-vit-base"].source == "hf://facebook/sam-vit-base"
     assert {"medsam-vit-base", "sam2.1-hiera-large", "sam-hq-vit-base", "sam2-hiera-tiny"} <= set(names)
     assert all(m.config.box_size == 0.1 and m.config.max_classes == 3 for m in sam.models)
     assert sam.select(["medsam-vit-base"])[0].eval == ("medical-seg",)
