@@ -106,6 +106,32 @@ def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_met
     }
 
 
+def write_extra_files(directory, extra: Mapping[str, "Path | bytes"], tensor_shards: Mapping[str, str]) -> dict:
+    """Write a checkpoint's extra files into ``directory``; returns the manifest's
+    ``extra_files`` records (bytes and sha256 of what was written).
+
+    ``extra``: the source's architecture, tokenizer and processor files (``name ->
+    path or bytes``); ``tensor_shards``: ``tensor -> shard file``. A Hugging Face
+    config gets its ``quantization_config``, its original copy and the weights
+    index (:func:`compressor.hf_files.checkpoint_files`).
+    """
+    from .hf_files import checkpoint_files
+
+    directory = Path(directory)
+    records = {}
+    for name, content in checkpoint_files(extra, tensor_shards).items():
+        if isinstance(content, (bytes, bytearray)):
+            src = directory / f".{name}.src"
+            src.write_bytes(content)
+            try:
+                records[name] = fmt.copy_extra_file(src, directory, name)
+            finally:
+                src.unlink()
+        else:
+            records[name] = fmt.copy_extra_file(Path(content), directory, name)
+    return records
+
+
 def directory_bytes(directory) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
@@ -140,15 +166,7 @@ class CompressedCheckpoint:
                 for n in names:
                     meta[n] = fmt.manifest_entry(self.entries[n], shard_name, stored[n])
             meta = {n: meta[n] for n in self.entries}  # manifest in the source's tensor order
-            extras = {}
-            for name, content in self.extra_files.items():
-                if isinstance(content, (bytes, bytearray)):
-                    src = tmp / f".{name}.src"
-                    src.write_bytes(content)
-                    extras[name] = fmt.copy_extra_file(src, tmp, name)
-                    src.unlink()
-                else:
-                    extras[name] = fmt.copy_extra_file(Path(content), tmp, name)
+            extras = write_extra_files(tmp, self.extra_files, {n: m["shard"] for n, m in meta.items()})
             manifest = build_manifest(self.config, self.source_info, meta, records, extras)
             fmt.write_manifest(tmp, manifest)
             if dst.exists():

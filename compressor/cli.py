@@ -86,9 +86,11 @@ def _cmd_compress(args) -> int:
 
 
 def _add_decompress(sub) -> None:
-    p = sub.add_parser("decompress", help="decode a compressed checkpoint into one safetensors file")
+    p = sub.add_parser("decompress", help="decode a compressed checkpoint into one safetensors file, "
+                                          "or into a Hugging Face model directory")
     p.add_argument("dst", help="compressed checkpoint directory")
-    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("out", help="output .safetensors file, or a new directory: model.safetensors with the "
+                               "source's config.json, tokenizer and processor files (loads with from_pretrained)")
     p.set_defaults(func=_cmd_decompress)
 
 
@@ -99,9 +101,15 @@ def _cmd_decompress(args) -> int:
 
     from .checkpoint import CompressedCheckpoint
 
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        from .hf_files import write_original_layout
+
+        write_original_layout(args.dst, out)
+        print(f"wrote {out} (model.safetensors and the source's config, tokenizer and processor files)")
+        return 0
     ckpt = CompressedCheckpoint.load(args.dst)
     sd = {k: v.contiguous() for k, v in ckpt.state_dict().items()}
-    out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(sd, str(tmp), metadata={"producer": "birkhoff decompress"})
     os.replace(tmp, out)

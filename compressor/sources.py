@@ -32,10 +32,17 @@ _ST_DTYPES = {
 _ST_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
                 "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 # Files that rebuild a Hugging Face architecture and its processor (copied next to
-# the compressed shards); tokenizers are not needed to rebuild the weights.
+# the compressed shards)...
 ARCHITECTURE_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
     "image_processor_config.json", "video_preprocessor_config.json",
+)
+# ...and its tokenizer, so that AutoTokenizer / AutoProcessor on the compressed
+# directory give what they give on the source (WordPiece, BPE and SentencePiece files).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.json", "chat_template.jinja",
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -213,7 +220,8 @@ def _torch_index(d: dict[str, torch.Tensor], f: Path) -> list[TensorInfo]:
 # -- opening ----------------------------------------------------------------------
 
 def _hf_directory(d: Path, uri: str) -> CheckpointSource:
-    extra = [d / n for n in ARCHITECTURE_FILES if (d / n).is_file()]
+    extra = [d / n for n in ARCHITECTURE_FILES + TOKENIZER_FILES if (d / n).is_file()]
+    hf = any(f.name in ARCHITECTURE_FILES for f in extra)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         idx = d / index_name
         if idx.is_file():
@@ -235,10 +243,10 @@ def _hf_directory(d: Path, uri: str) -> CheckpointSource:
             return CheckpointSource(uri, "hf-dir", [d / single], extra)
     sts = sorted(d.glob("*.safetensors"))
     if sts:
-        return CheckpointSource(uri, "hf-dir" if extra else "dir", sts, extra)
+        return CheckpointSource(uri, "hf-dir" if hf else "dir", sts, extra)
     pts = sorted(p for p in d.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
     if pts:
-        return CheckpointSource(uri, "hf-dir" if extra else "dir", pts, extra)
+        return CheckpointSource(uri, "hf-dir" if hf else "dir", pts, extra)
     raise SourceError("no weight files (*.safetensors, *.bin, *.pt, *.pth) in the directory", file=str(d))
 
 
@@ -266,7 +274,7 @@ def _from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
     """Download (or reuse from the HF cache) a Hub model's weights and configs."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors"]
+    patterns = ["*.json", "*.safetensors", *(n for n in TOKENIZER_FILES if not n.endswith(".json"))]
     try:
         local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
         d = Path(local)
