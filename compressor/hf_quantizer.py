@@ -229,6 +229,11 @@ def _load_op():
             def __init__(self, hf_quantizer: BirkhoffHfQuantizer):
                 self.hf_quantizer = hf_quantizer  # also tells transformers not to cast the packed input
 
+            def __deepcopy__(self, memo):
+                # transformers deep-copies the converter once per tensor: share the quantizer
+                # (and the checkpoint it holds) instead of copying it each time
+                return self
+
             def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None,
                         model=None, **kwargs):
                 stored = next(iter(input_dict.values()))
