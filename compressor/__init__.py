@@ -12,3 +12,33 @@ from .hyperlinear import HyperLinear, HyperLinearError
 from .modeling import apply_hyperlinear, load_model
 
 __version__ = "0.1.0"
+
+
+def _register_with_transformers(_module) -> None:
+    """Teach transformers the ``birkhoff`` quantization method (``from_pretrained`` on
+    a compressed directory). Runs when transformers loads its quantizer registry, or
+    now if it already has: importing transformers costs nothing here until then."""
+    import sys
+
+    mod = sys.modules.get(f"{__name__}.hf_quantizer")
+    if mod is not None and not getattr(mod, "_IMPORTED", False):
+        return  # it is being imported (its transformers imports got us here): it registers at its end
+    try:
+        from .hf_quantizer import register
+
+        register()
+    except Exception as exc:  # never break transformers' own import; load_model still works
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "birkhoff: from_pretrained support not registered with transformers (%s: %s); "
+            "use compressor.load_model(dir)", type(exc).__name__, exc)
+
+
+def _install_transformers_hook() -> None:
+    import wrapt  # its post-import hooks: the registry may be imported before or after us
+
+    wrapt.register_post_import_hook(_register_with_transformers, "transformers.quantizers.auto")
+
+
+_install_transformers_hook()

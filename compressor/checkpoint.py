@@ -154,6 +154,27 @@ def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_met
     }
 
 
+def write_extra_files(directory, extra: Mapping[str, "Path | bytes"], tensor_shards: Mapping[str, str]) -> dict:
+    """Write a checkpoint's extra files into ``directory``; returns the manifest's
+    ``extra_files`` records (bytes and sha256 of what was written).
+
+    ``extra``: the source's architecture, tokenizer and processor files (``name ->
+    path or bytes``); ``tensor_shards``: ``tensor -> shard file``. A Hugging Face
+    config gets its ``quantization_config``, its original copy and the weights
+    index (:func:`compressor.hf_files.checkpoint_files`).
+    """
+    from .hf_files import checkpoint_files
+
+    directory = Path(directory)
+    records = {}
+    for name, content in checkpoint_files(extra, tensor_shards).items():
+        if isinstance(content, (bytes, bytearray)):
+            records[name] = fmt.write_extra_bytes(bytes(content), directory, name)
+        else:
+            records[name] = fmt.copy_extra_file(Path(content), directory, name)
+    return records
+
+
 def directory_bytes(directory) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
@@ -204,12 +225,7 @@ class CompressedCheckpoint:
                 for n in names:
                     meta[n] = fmt.manifest_entry(self.entries[n], shard_name, stored[n])
             meta = {n: meta[n] for n in self.entries}  # manifest in the source's tensor order
-            extras = {}
-            for name, content in self.extra_files.items():
-                if isinstance(content, (bytes, bytearray)):
-                    extras[name] = fmt.write_extra_bytes(bytes(content), tmp, name)
-                else:
-                    extras[name] = fmt.copy_extra_file(Path(content), tmp, name)
+            extras = write_extra_files(tmp, self.extra_files, {n: m["shard"] for n, m in meta.items()})
             manifest = build_manifest(self.config, self.source_info, meta, records, extras)
             fmt.write_manifest(tmp, manifest)
             dest.publish_directory(tmp, dst, overwrite=overwrite, replaceable=replaceable_checkpoint)

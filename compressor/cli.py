@@ -115,12 +115,15 @@ def _cmd_compress(args) -> int:
 
 
 def _add_decompress(sub) -> None:
-    p = sub.add_parser("decompress", help="decode a compressed checkpoint into one safetensors file")
+    p = sub.add_parser("decompress", help="decode a compressed checkpoint into one safetensors file, "
+                                          "or into a Hugging Face model directory")
     p.add_argument("dst", help="compressed checkpoint directory")
-    p.add_argument("out", help="output .safetensors file (its directory must exist)")
+    p.add_argument("out", help="output .safetensors file (its directory must exist), or a new directory: "
+                               "model.safetensors with the source's config.json, tokenizer and processor "
+                               "files (loads with from_pretrained)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing regular file at OUT (never the source, a checkpoint file, "
-                        "a directory or a device)")
+                   help="replace an existing regular .safetensors file at OUT (never the source, a checkpoint "
+                        "file, a directory or a device)")
     p.set_defaults(func=_cmd_decompress)
 
 
@@ -152,6 +155,16 @@ def _cmd_decompress(args) -> int:
                         [fmt.MANIFEST_NAME, *manifest["shards"], *manifest["extra_files"]]]
     guard = dict(protected_dirs=[str(directory)],
                  protected_files=checkpoint_files + _recorded_source_files(directory, manifest))
+    if Path(args.out).suffix != ".safetensors":
+        from .hf_files import write_original_layout
+
+        if args.overwrite:
+            raise dest.DestinationError("--overwrite replaces a .safetensors file only; a model directory "
+                                        "output is never replaced", file=str(args.out))
+        out = write_original_layout(directory, args.out,
+                                    protected=[str(directory), *guard["protected_files"]])
+        print(f"wrote {out} (model.safetensors and the source's config, tokenizer and processor files)")
+        return 0
     dest.check_output_file(args.out, overwrite=args.overwrite, **guard)
     ckpt = CompressedCheckpoint.load(directory)
     sd = {k: v.contiguous() for k, v in ckpt.state_dict().items()}

@@ -1,5 +1,5 @@
 """HyperLinear: ``y = x W^T + b`` with ``W`` decoded from Hyper-Compression indices
-inside the kernel, never stored as floats (``shared/HYPERCOMPRESSION.md`` section 7).
+inside the kernel, never stored as floats (``docs/HYPERCOMPRESSION.md`` section 7).
 
 State (all buffers, so ``state_dict`` round trips and ``.to(device)`` moves them):
 

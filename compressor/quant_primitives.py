@@ -1,4 +1,4 @@
-"""Pure NumPy reference of the Hyper-Compression codec (``shared/HYPERCOMPRESSION.md``).
+"""Pure NumPy reference of the Hyper-Compression codec (``docs/HYPERCOMPRESSION.md``).
 
 This module is the contract. Every kernel (Numba CPU, Numba-CUDA, HyperLinear)
 is tested against it, so each float64 operation below is written in one

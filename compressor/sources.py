@@ -47,12 +47,19 @@ _ST_DTYPES = {
 _ST_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
                 "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 # Files that rebuild a Hugging Face architecture and its processor (copied next to
-# the compressed shards); tokenizers are not needed to rebuild the weights.
+# the compressed shards)...
 ARCHITECTURE_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
     "image_processor_config.json", "video_preprocessor_config.json",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# ...and its tokenizer, so that AutoTokenizer / AutoProcessor on the compressed
+# directory give what they give on the source (WordPiece, BPE and SentencePiece files).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.json", "chat_template.jinja",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HUB_SCHEME = "hf://"
 #: a shard index (``*.index.json``) larger than this is not one
@@ -479,11 +486,12 @@ def _hf_directory(d: Path, uri: str) -> CheckpointSource:
         raise SourceError("this is a Birkhoff compressed checkpoint, not a source model: decompress it first",
                           file=str(d))
     extra, extra_real = [], {}
-    for n in ARCHITECTURE_FILES:
-        real = _member(d, n, "architecture file")
+    for n in ARCHITECTURE_FILES + TOKENIZER_FILES:
+        real = _member(d, n, "architecture file" if n in ARCHITECTURE_FILES else "tokenizer file")
         if real is not None:
             extra.append(d / n)
             extra_real[n] = real
+    hf = any(f.name in ARCHITECTURE_FILES for f in extra)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         idx = d / index_name
         if os.path.lexists(idx):
@@ -507,11 +515,11 @@ def _hf_directory(d: Path, uri: str) -> CheckpointSource:
         raise SourceError(f"cannot list the directory: {exc.strerror}", file=str(d)) from None
     sts = [Path(e.path) for e in entries if e.name.endswith(".safetensors") and not e.name.startswith(".")]
     if sts:
-        return CheckpointSource(uri, "hf-dir" if extra else "dir", [_weight_file(p) for p in sts], extra, root=d,
+        return CheckpointSource(uri, "hf-dir" if hf else "dir", [_weight_file(p) for p in sts], extra, root=d,
                                 extra_real=extra_real)
     pts = [Path(e.path) for e in entries if e.name.endswith((".pt", ".pth", ".bin")) and not e.name.startswith(".")]
     if pts:
-        return CheckpointSource(uri, "hf-dir" if extra else "dir", [_weight_file(p) for p in pts], extra, root=d,
+        return CheckpointSource(uri, "hf-dir" if hf else "dir", [_weight_file(p) for p in pts], extra, root=d,
                                 extra_real=extra_real)
     raise SourceError("no weight files (*.safetensors, *.bin, *.pt, *.pth) in the directory", file=str(d))
 
@@ -568,7 +576,7 @@ def _from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
     """Download (or reuse from the HF cache) a Hub model's weights and configs."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors"]
+    patterns = ["*.json", "*.safetensors", *(n for n in TOKENIZER_FILES if not n.endswith(".json"))]
     try:
         local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
         d = Path(local)

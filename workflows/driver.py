@@ -321,7 +321,7 @@ class ModelRun:
         return out
 
     def _commit(self, src, source_hash, prefix, index, shards, results, params, t0) -> ModelOutcome:
-        from compressor.checkpoint import build_manifest
+        from compressor.checkpoint import build_manifest, write_extra_files
 
         spec, store = self.spec, self.store
         meta: dict = {}
@@ -336,10 +336,11 @@ class ModelRun:
         source_info.update({"uri": redact_uri(spec.source), "sha256": source_hash, "revision": spec.revision,
                             "zoo_model": spec.name})
         with tempfile.TemporaryDirectory(prefix="birkhoff-commit-") as d:
-            extras = {}
-            for f in src.extra_files:
-                extras[f.name] = fmt.copy_extra_file(f, d, f.name)
-                store.put_file(prefix + f.name, Path(d) / f.name)
+            # the Hugging Face config gets its quantization_config and the weights index (compressor.hf_files)
+            extras = write_extra_files(d, {f.name: f for f in src.extra_files},
+                                       {n: m["shard"] for n, m in meta.items()})
+            for name in extras:
+                store.put_file(prefix + name, Path(d) / name)
             manifest = build_manifest(spec.config, source_info, meta, records, extras)
             fmt.write_manifest(d, manifest)
             manifest_bytes = (Path(d) / MANIFEST).stat().st_size

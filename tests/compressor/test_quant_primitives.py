@@ -1,4 +1,4 @@
-"""The reference codec against the definitions of HYPERCOMPRESSION.md."""
+"""The reference codec against the definitions of docs/HYPERCOMPRESSION.md."""
 
 import numpy as np
 import pytest

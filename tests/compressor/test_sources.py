@@ -78,7 +78,7 @@ def test_hf_directory_with_sharded_index(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     src = open_source(tmp_path)
     assert src.kind == "hf-dir" and len(src.weight_files) == 2
-    assert [f.name for f in src.extra_files] == ["config.json"]
+    assert [f.name for f in src.extra_files] == ["config.json", "tokenizer.json"]  # tokenizers travel too
     assert {i.name for i in src.tensor_index()} == set(sd)
     assert src.weight_bytes == sum(f.stat().st_size for f in src.weight_files)
     assert len(src.source_hash()) == 64

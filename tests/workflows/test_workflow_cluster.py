@@ -116,6 +116,11 @@ def test_stored_checkpoint_decodes_like_local_compress(accept, seaweed, tmp_path
         a = CompressedCheckpoint.load(got).state_dict()
         b = CompressedCheckpoint.load(tmp_path / name / "local").state_dict()
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        # the driver writes the same Hugging Face files (config.json with its quantization_config)
+        for f in ("config.json", "config.original.json"):
+            assert (got / f).read_bytes() == (tmp_path / name / "local" / f).read_bytes()
+        index = json.loads((got / "model.safetensors.index.json").read_text())["weight_map"]
+        assert index == {n: m["shard"] for n, m in mine["tensors"].items()}
         # compression ratio = source weight bytes / bytes of every stored file
         stored = sum(v[0] for k, v in accept["before"].items() if k.startswith(prefix))
         assert models[name]["metrics"]["compressed_bytes"] == stored
