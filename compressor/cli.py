@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ def _cmd_decompress(args) -> int:
                         [fmt.MANIFEST_NAME, *manifest["shards"], *manifest["extra_files"]]]
     guard = dict(protected_dirs=[str(directory)],
                  protected_files=checkpoint_files + _recorded_source_files(directory, manifest))
-    if Path(args.out).suffix != ".safetensors":
+    if Path(args.out).suffix != ".safetensors" and (os.path.isdir(args.out) or not os.path.lexists(args.out)):
         from .hf_files import write_original_layout
 
         if args.overwrite:
