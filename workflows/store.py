@@ -4,13 +4,23 @@ Keys are ``/``-separated paths relative to the store root (``s3://bucket/prefix`
 or a folder). Every write is all-or-nothing for readers:
 
 - :class:`LocalStore` writes to a hidden temporary sibling, fsyncs and
-  ``os.replace``-s it into place; listings skip the temporaries.
+  ``os.replace``-s it into place; listings skip the temporaries, and
+  :meth:`Store.abort_incomplete` removes those a killed writer left once they
+  are older than a deadline (never a live writer's).
 - :class:`S3Store` uses one ``PutObject`` (atomic in S3) below the multipart
   threshold and a multipart upload above it, aborted on any failure (an
   incomplete multipart upload is never an object). Each part carries its
   ``Content-MD5`` (the server rejects corrupted parts), the object carries its
   sha256 as metadata, and after the upload the object's size, ETag (MD5, or the
   multipart MD5-of-MD5s) and sha256 are checked against what was sent.
+
+Conditional writes make concurrent commits safe: ``if_absent`` creates an
+object only where none exists (S3 ``If-None-Match: *``; ``os.link`` of the
+finished temporary locally) and ``if_match`` replaces or deletes only the
+version the caller read (S3 ``If-Match``; a compare under an ``flock``
+locally). A write whose condition fails raises :class:`ConditionFailedError`,
+unless the object already holds exactly the bytes being written (a retried
+request whose first response was lost).
 
 Transient failures (connection refused/reset, timeouts, 5xx, throttling,
 checksum mismatches) are retried with exponential backoff and jitter; the rest
@@ -23,6 +33,8 @@ this module logs or raises contains a credential.
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -31,11 +43,12 @@ import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from .errors import ChecksumMismatchError, StoreError, TransientStoreError
+from .errors import ChecksumMismatchError, ConditionFailedError, StoreError, TransientStoreError
 from .redaction import redact, redact_uri
 
 log = logging.getLogger(__name__)
@@ -44,13 +57,19 @@ T = TypeVar("T")
 MULTIPART_THRESHOLD = 16 * 1024**2
 PART_SIZE = 16 * 1024**2
 _BLOCK = 1 << 22
+# a temporary or multipart upload untouched this long belongs to a writer that
+# died: a live one writes its data within seconds to minutes
+STALE_SECONDS = 3600.0
+TMP_MARK = ".tmp-"
 
 
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
-    sha256: str | None = None
+    sha256: str | None = None  # the stored sha256 (S3 metadata; hashed locally), None when unknown
+    etag: str | None = None  # what if_match compares: the S3 ETag, the sha256 locally
+    mtime: float | None = None  # last modified, seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -100,15 +119,18 @@ class Store(ABC):
     uri: str
 
     @abstractmethod
-    def put_file(self, key: str, path) -> ObjectInfo: ...
+    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
+        """Upload a file as ``key``, all or nothing. ``if_absent``: only where no object
+        is; ``if_match``: only over the object whose :attr:`ObjectInfo.etag` is this.
+        A condition that fails raises :class:`ConditionFailedError`."""
 
-    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="birkhoff-put-") as d:
             p = Path(d) / "blob"
             p.write_bytes(data)
-            return self.put_file(key, p)
+            return self.put_file(key, p, if_absent=if_absent, if_match=if_match)
 
     @abstractmethod
     def get_file(self, key: str, path) -> Path: ...
@@ -120,8 +142,13 @@ class Store(ABC):
             return self.get_file(key, Path(d) / "blob").read_bytes()
 
     @abstractmethod
+    def read(self, key: str, max_bytes: int) -> tuple[bytes, ObjectInfo] | None:
+        """A small object's bytes with the info of exactly that version (its ETag for
+        ``if_match``); None when absent. Refuses objects above ``max_bytes``."""
+
+    @abstractmethod
     def head(self, key: str) -> ObjectInfo | None:
-        """Size and stored sha256 (None when the object does not exist)."""
+        """Size, stored sha256 and ETag (None when the object does not exist)."""
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -131,7 +158,14 @@ class Store(ABC):
         """Keys under ``prefix`` (complete objects only), sorted."""
 
     @abstractmethod
-    def delete(self, key: str) -> None: ...
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and modification time
+        (no sha256: listing never reads object data)."""
+
+    @abstractmethod
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key`` (absent is fine). ``if_match``: only that version; a missing
+        or different object raises :class:`ConditionFailedError`."""
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
@@ -139,9 +173,13 @@ class Store(ABC):
             self.delete(k)
         return len(keys)
 
-    def abort_incomplete(self, prefix: str) -> int:
-        """Drop leftovers of interrupted uploads under ``prefix``; returns how many."""
+    def abort_incomplete(self, prefix: str, older_than: float = STALE_SECONDS) -> int:
+        """Drop leftovers of interrupted uploads under ``prefix`` untouched for
+        ``older_than`` seconds (younger ones may belong to a live writer); returns how many."""
         return 0
+
+    def ensure_conditional_writes(self) -> None:
+        """Raise :class:`StoreError` unless conditional writes really are atomic here."""
 
     def url(self, key: str = "") -> str:
         return self.uri.rstrip("/") + ("/" + key if key else "")
@@ -151,21 +189,67 @@ class Store(ABC):
         """What a worker needs to open the same store (never credentials)."""
 
 
+_LOCK_NAME = ".birkhoff-store.lock"
+# filesystems without hard links (some FUSE and SMB mounts) answer os.link with these
+_NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or link in ``directory`` durable (a commit survives a power cut)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class LocalStore(Store):
+    """A folder as an object store: one file per key."""
+
     def __init__(self, root, retry: RetryPolicy | None = None):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
-        self.retry = retry or RetryPolicy.from_env()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root} exists and is not a folder")
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def put_file(self, key: str, path) -> ObjectInfo:
-        dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-        want = file_sha256(path)
+    def _fail(self, what: str, key: str, exc: OSError) -> StoreError:
+        return StoreError(f"{what} {self.url(key)}: {exc.strerror or type(exc).__name__}", key=key)
+
+    @contextmanager
+    def _locked(self):
+        """One advisory lock per store folder around a compare-then-change (if_match):
+        released by the kernel when its holder dies, so it can never go stale."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _sha_of(p: Path) -> str | None:
+        try:
+            return file_sha256(p)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
+        if if_absent and if_match is not None:
+            raise ValueError("if_absent and if_match exclude each other")
+        dst = self._path(key)
+        tmp = dst.with_name(f".{dst.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            want = file_sha256(path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "rb") as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, _BLOCK)
                 out.flush()
@@ -173,11 +257,43 @@ class LocalStore(Store):
             got = file_sha256(tmp)
             if got != want:
                 raise ChecksumMismatchError(f"{key}: sha256 after copy {got} != {want}", key=key)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return ObjectInfo(key, dst.stat().st_size, want)
+            if if_absent:
+                self._publish_new(tmp, dst, key, want)
+            elif if_match is not None:
+                with self._locked():
+                    cur = self._sha_of(dst)
+                    if cur != if_match and cur != want:
+                        raise ConditionFailedError(f"{self.url(key)} is {'gone' if cur is None else 'another version'}"
+                                                   f" (expected {if_match[:12]})", key=key)
+                    os.replace(tmp, dst)
+            else:
+                os.replace(tmp, dst)
+            _fsync_dir(dst.parent)
+            st = dst.stat()
+        except OSError as exc:
+            raise self._fail("write", key, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)  # after a link the temporary is a second name of the object
+        return ObjectInfo(key, st.st_size, want, want, st.st_mtime)
+
+    def _publish_new(self, tmp: Path, dst: Path, key: str, want: str) -> None:
+        """Give the finished temporary its name only if no object has it: link() fails
+        with EEXIST atomically, where exists-then-rename would let two writers both win."""
+        try:
+            os.link(tmp, dst)
+            return
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            with self._locked():  # no hard links here: check and rename under the store's lock
+                if not os.path.lexists(dst):
+                    os.replace(tmp, dst)
+                    return
+        if self._sha_of(dst) == want:  # the same bytes are there already: nothing to do
+            return
+        raise ConditionFailedError(f"{self.url(key)} exists already", key=key)
 
     def get_file(self, key: str, path) -> Path:
         src = self._path(key)
@@ -185,43 +301,104 @@ class LocalStore(Store):
             raise StoreError(f"no such object {key!r} in {self.uri}", key=key)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            raise StoreError(f"no such object {key!r} in {self.uri}", key=key) from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
+
+    def read(self, key: str, max_bytes: int) -> tuple[bytes, ObjectInfo] | None:
+        p = self._path(key)
+        try:
+            with open(p, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if st.st_size > max_bytes:
+                    raise StoreError(f"{self.url(key)} is {st.st_size} bytes, more than the {max_bytes} expected",
+                                     key=key)
+                data = fh.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._fail("read", key, exc) from None
+        sha = hashlib.sha256(data).hexdigest()
+        return data, ObjectInfo(key, len(data), sha, sha, st.st_mtime)
 
     def head(self, key: str) -> ObjectInfo | None:
         p = self._path(key)
-        if not p.is_file():
+        try:
+            if not p.is_file():
+                return None
+            st = p.stat()
+            sha = file_sha256(p)
+        except FileNotFoundError:
             return None
-        return ObjectInfo(key, p.stat().st_size, file_sha256(p))
+        except OSError as exc:
+            raise self._fail("stat", key, exc) from None
+        return ObjectInfo(key, st.st_size, sha, sha, st.st_mtime)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            base = base.parent  # a prefix may also be a partial file name
+            if not base.is_dir():
+                return
+        for p in base.rglob("*"):
+            if TMP_MARK in p.name or p.name == _LOCK_NAME:
+                continue
+            try:
+                st = p.lstat()
+            except FileNotFoundError:  # removed while we walked
+                continue
+            if not p.is_file():
+                continue
+            k = p.relative_to(self.root).as_posix()
+            if k.startswith(prefix):
+                yield k, st
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix if prefix else self.root
-        if not base.exists():
-            # a prefix may also be a partial file name
-            base = base.parent
-            if not base.exists():
-                return []
-        out = []
-        for p in base.rglob("*"):
-            if p.is_file() and ".tmp-" not in p.name:
-                k = p.relative_to(self.root).as_posix()
-                if k.startswith(prefix):
-                    out.append(k)
-        return sorted(out)
+        return sorted(k for k, _ in self._walk(prefix))
 
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        return sorted((ObjectInfo(k, st.st_size, mtime=st.st_mtime) for k, st in self._walk(prefix)),
+                      key=lambda i: i.key)
 
-    def abort_incomplete(self, prefix: str) -> int:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        p = self._path(key)
+        try:
+            if if_match is None:
+                p.unlink(missing_ok=True)
+                return
+            with self._locked():
+                cur = self._sha_of(p)
+                if cur != if_match:
+                    raise ConditionFailedError(f"{self.url(key)} is {'gone' if cur is None else 'another version'}"
+                                               f" (expected {if_match[:12]})", key=key)
+                p.unlink()
+        except OSError as exc:
+            raise self._fail("delete", key, exc) from None
+
+    def abort_incomplete(self, prefix: str, older_than: float = STALE_SECONDS) -> int:
+        """Remove temporaries (``.NAME.tmp-*``) of writers that died: only those whose
+        last write is ``older_than`` seconds old. A live writer's temporary is younger:
+        it is written, fsynced, hashed and renamed within one upload."""
         base = self.root / prefix
-        if not base.exists():
+        if not base.is_dir():
             return 0
+        cutoff = time.time() - older_than
         n = 0
-        for p in base.rglob("*.tmp-*"):
-            p.unlink(missing_ok=True)
-            n += 1
+        for p in base.rglob(f"*{TMP_MARK}*"):
+            try:
+                if p.name.startswith(".") and p.is_file() and p.lstat().st_mtime < cutoff:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:  # its writer renamed it, or another run removed it
+                continue
+        if n:
+            log.info("removed %d stale temporary file(s) under %s", n, self.url(prefix))
         return n
 
     def spec(self) -> dict:
@@ -234,7 +411,15 @@ _TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
     "Throttling", "ThrottlingException", "RequestLimitExceeded", "BadDigest", "IncompleteBody",
     "OperationAborted", "500", "502", "503", "504",
+    # two conditional writes of one key in flight at once: S3 asks the caller to retry
+    "ConditionalRequestConflict", "409",
 }
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+
+
+def _quoted(etag: str) -> str:
+    """ETags as S3 sends them in headers (quoted): what ``If-Match`` compares."""
+    return etag if not etag or etag.startswith('"') else f'"{etag}"'
 
 
 class S3Store(Store):
@@ -296,6 +481,8 @@ class S3Store(Store):
             code = str(err.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             msg = f"{where}: {code or status} {err.get('Message', '')}".strip()
+            if code == "PreconditionFailed" or str(status) == "412":
+                return ConditionFailedError(redact(msg), key=key)
             cls = TransientStoreError if (code in _TRANSIENT_CODES or (status and int(status) >= 500)) else StoreError
             return cls(redact(msg), key=key)
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
@@ -328,35 +515,48 @@ class S3Store(Store):
                     raise
         self._call("create bucket", None, go)
 
-    def put_file(self, key: str, path) -> ObjectInfo:
+    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
+        if if_absent and if_match is not None:
+            raise ValueError("if_absent and if_match exclude each other")
         path = Path(path)
         size = path.stat().st_size
         sha = file_sha256(path)
+        cond = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match is not None else {}
+        etag_box: list[str] = []
 
         def attempt():
             try:
                 if size <= self.multipart_threshold:
-                    etag = self._put_single(key, path)
+                    etag = self._put_single(key, path, cond)
                 else:
-                    etag = self._put_multipart(key, path, size)
+                    etag = self._put_multipart(key, path, size, cond)
                 self._verify(key, size, sha, etag)
+                etag_box.append(etag)
             except Exception as exc:
-                raise self._translate(exc, "upload", key) from None
+                err = self._translate(exc, "upload", key)
+                if isinstance(err, ConditionFailedError):
+                    cur = self.head(key)
+                    # exactly these bytes are there: an earlier attempt of ours landed and
+                    # only its response was lost, or another writer stored the same content
+                    if cur is not None and cur.size == size and cur.sha256 == sha:
+                        etag_box.append(cur.etag or "")
+                        return
+                raise err from None
         self.retry.run(attempt, f"upload {self.url(key)}")
         log.debug("uploaded %s (%d bytes, sha256 %s)", self.url(key), size, sha[:12])
-        return ObjectInfo(key, size, sha)
+        return ObjectInfo(key, size, sha, _quoted(etag_box[-1]) if etag_box else None, time.time())
 
-    def _put_single(self, key: str, path: Path) -> str:
+    def _put_single(self, key: str, path: Path, cond: dict) -> str:
         data = path.read_bytes()
         md5 = hashlib.md5(data)
         self.client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data,
             ContentMD5=base64.b64encode(md5.digest()).decode(),
-            Metadata={"sha256": hashlib.sha256(data).hexdigest()},
+            Metadata={"sha256": hashlib.sha256(data).hexdigest()}, **cond,
         )
         return md5.hexdigest()
 
-    def _put_multipart(self, key: str, path: Path, size: int) -> str:
+    def _put_multipart(self, key: str, path: Path, size: int, cond: dict) -> str:
         full = self._key(key)
         sha = file_sha256(path)
         upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata={"sha256": sha})
@@ -380,8 +580,9 @@ class S3Store(Store):
                     parts.append({"ETag": resp["ETag"], "PartNumber": number})
                     digests.append(md5.digest())
                     number += 1
+            # the condition is checked when the object appears, that is at completion
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts})
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond)
         except BaseException:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
@@ -393,16 +594,36 @@ class S3Store(Store):
         return hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
 
     def _verify(self, key: str, size: int, sha: str, etag: str) -> None:
-        h = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        from botocore.exceptions import ClientError
+
+        try:
+            h = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
+                # stored, then removed by someone else (a concurrent cleanup): the upload
+                # itself succeeded; whoever relies on the object checks it before use
+                log.warning("upload %s: the object was removed right after it was stored", self.url(key))
+                return
+            raise
         got_size = int(h["ContentLength"])
         got_etag = h.get("ETag", "").strip('"')
         got_sha = h.get("Metadata", {}).get("sha256")
-        if got_size != size or got_sha != sha or (got_etag and got_etag != etag):
-            # delete what is there: a wrong object must not stay readable under the key
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-            raise ChecksumMismatchError(
-                f"upload {self.url(key)}: stored object differs (size {got_size} vs {size}, "
-                f"etag {got_etag} vs {etag}, sha256 {got_sha} vs {sha})", key=key)
+        plain = got_etag and "-" not in got_etag and "-" not in etag  # both are the MD5 of the whole object
+        if got_size == size and got_sha == sha and not (plain and got_etag != etag):
+            return  # ours, or the same bytes uploaded by another writer (maybe in other parts)
+        if got_etag and got_etag != etag and got_sha != sha:
+            # another writer replaced the object right after us: last writer wins, and
+            # deleting their object would destroy their write
+            log.debug("upload %s: replaced by another writer right after", self.url(key))
+            return
+        # our own upload, stored wrong: it must not stay readable under the key
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=h.get("ETag"))
+        except ClientError:
+            pass
+        raise ChecksumMismatchError(
+            f"upload {self.url(key)}: stored object differs (size {got_size} vs {size}, "
+            f"etag {got_etag} vs {etag}, sha256 {got_sha} vs {sha})", key=key)
 
     def get_file(self, key: str, path) -> Path:
         path = Path(path)
@@ -426,6 +647,30 @@ class S3Store(Store):
             tmp.unlink(missing_ok=True)
         return path
 
+    def read(self, key: str, max_bytes: int) -> tuple[bytes, ObjectInfo] | None:
+        from botocore.exceptions import ClientError
+
+        def go():
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
+                    return None
+                raise
+            size = int(resp["ContentLength"])
+            if size > max_bytes:
+                resp["Body"].close()
+                raise StoreError(f"{self.url(key)} is {size} bytes, more than the {max_bytes} expected", key=key)
+            data = resp["Body"].read(max_bytes + 1)
+            want = resp.get("Metadata", {}).get("sha256")
+            sha = hashlib.sha256(data).hexdigest()
+            if len(data) != size or (want and sha != want):
+                raise ChecksumMismatchError(f"download {self.url(key)}: differs from the stored size or sha256",
+                                            key=key)
+            mtime = resp.get("LastModified")
+            return data, ObjectInfo(key, size, want, resp.get("ETag"), mtime.timestamp() if mtime else None)
+        return self._call("read", key, go)
+
     def head(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
 
@@ -433,38 +678,83 @@ class S3Store(Store):
             try:
                 h = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
                     return None
                 raise
-            return ObjectInfo(key, int(h["ContentLength"]), h.get("Metadata", {}).get("sha256"))
+            mtime = h.get("LastModified")
+            return ObjectInfo(key, int(h["ContentLength"]), h.get("Metadata", {}).get("sha256"), h.get("ETag"),
+                              mtime.timestamp() if mtime else None)
         return self._call("head", key, go)
 
-    def _iter_full(self, prefix: str) -> Iterator[str]:
+    def _iter_full(self, prefix: str) -> Iterator[dict]:
         full = (f"{self.prefix}/" if self.prefix else "") + prefix
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            for obj in page.get("Contents", []):
-                yield obj["Key"]
+            yield from page.get("Contents", [])
 
     def list(self, prefix: str = "") -> list[str]:
-        return self._call("list", prefix or None, lambda: sorted(self._rel(k) for k in self._iter_full(prefix)))
+        return self._call("list", prefix or None,
+                          lambda: sorted(self._rel(o["Key"]) for o in self._iter_full(prefix)))
 
-    def delete(self, key: str) -> None:
-        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        def go():
+            return sorted((ObjectInfo(self._rel(o["Key"]), int(o["Size"]), etag=o.get("ETag"),
+                                      mtime=o["LastModified"].timestamp() if o.get("LastModified") else None)
+                           for o in self._iter_full(prefix)), key=lambda i: i.key)
+        return self._call("list", prefix or None, go)
 
-    def abort_incomplete(self, prefix: str) -> int:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        cond = {"IfMatch": if_match} if if_match is not None else {}
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key), **cond))
+
+    def abort_incomplete(self, prefix: str, older_than: float = STALE_SECONDS) -> int:
+        """Abort multipart uploads under ``prefix`` started ``older_than`` seconds ago or
+        earlier: a younger one may be a concurrent run's upload in flight."""
+        cutoff = time.time() - older_than
+
         def go():
             full = (f"{self.prefix}/" if self.prefix else "") + prefix
             n = 0
-            resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
-            for up in resp.get("Uploads", []) or []:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
-                n += 1
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full):
+                for up in page.get("Uploads", []) or []:
+                    started = up.get("Initiated")
+                    if started is not None and started.timestamp() > cutoff:
+                        continue
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
             return n
         n = self._call("abort incomplete uploads", prefix, go)
         if n:
-            log.info("aborted %d incomplete multipart upload(s) under %s", n, self.url(prefix))
+            log.info("aborted %d stale multipart upload(s) under %s", n, self.url(prefix))
         return n
+
+    def ensure_conditional_writes(self) -> None:
+        """Create a probe object twice with ``If-None-Match: *``: the second must be
+        refused. A server that ignores the header would let two runs both commit."""
+        if getattr(self, "_conditional_ok", False):
+            return
+        key = f".birkhoff-probe-{uuid.uuid4().hex}"
+        try:
+            self.put_bytes(key, b"first", if_absent=True)
+            try:
+                self.put_bytes(key, b"second", if_absent=True)
+            except ConditionFailedError:
+                self._conditional_ok = True
+                return
+            if os.environ.get("BIRKHOFF_ALLOW_UNCONDITIONAL_S3") == "1":
+                log.warning("%s ignores conditional writes (If-None-Match); BIRKHOFF_ALLOW_UNCONDITIONAL_S3=1: "
+                            "committing anyway, safe only with one run per store at a time", self.uri)
+                self._conditional_ok = True
+                return
+            raise StoreError(f"the S3 endpoint of {self.uri} ignores conditional writes (If-None-Match), so two runs "
+                             "could both commit one checkpoint; use a server that supports them (AWS S3 and the "
+                             "SeaweedFS this project pins do) or set BIRKHOFF_ALLOW_UNCONDITIONAL_S3=1 if only one run ever writes "
+                             "this store")
+        finally:
+            try:
+                self.delete(key)
+            except StoreError:
+                pass
 
     def spec(self) -> dict:
         return {"uri": self.uri, "endpoint_url": self.endpoint_url, "region": self.region}
