@@ -324,3 +324,15 @@ def test_inspect_reports_what_is_wrong(store, plans):
     store.put_bytes(p + "manifest.json", b"{not json")
     st = inspect_checkpoint(store, p)
     assert st.committed and not st.complete and st.manifest is None and "invalid" in st.problems[0]
+
+
+def test_a_commit_replaces_an_unreadable_manifest(store, tmp_path, plans):
+    p = "m/src/cfg-codec1/"
+    d, m = plans["a"]
+    store.put_bytes(p + "manifest.json", b"{truncated")  # what a broken writer or disk left
+    owned = _upload(store, p, plans["a"])
+    seen = inspect_checkpoint(store, p)
+    assert seen.committed and not seen.complete
+    done = commit_checkpoint(store, p, d, m, seen=seen, force=False, owned=owned)
+    assert done.status == "replaced" and inspect_checkpoint(store, p).manifest == m
+    _loads(store, p, tmp_path / "fetched")
