@@ -207,7 +207,7 @@ def _task_memory(shard: Shard, node_mem: float) -> int:
     want = _BASE_TASK_MEMORY + _MEMORY_PER_SOURCE_BYTE * shard.nbytes
     if node_mem and want > 0.9 * node_mem:
         log.warning("shard %s wants %.1f GiB, more than any node offers; requesting %.1f GiB",
-                    shard.filename, want / 2**30, 0.9 * node_mem / 2**30)
+                    shard.stem, want / 2**30, 0.9 * node_mem / 2**30)
         want = int(0.9 * node_mem)
     return int(want)
 

@@ -7,7 +7,8 @@ it works and deletes it (again only its own version) when done.
 
 A holder that died leaves its lease behind. Another run takes it over once the
 deadline has passed, or at once when the holder's process is gone on this very
-machine (same boot id, and the pid is dead or belongs to a newer process).
+machine (same boot id and pid namespace, and the pid is dead or belongs to a
+newer process).
 Taking over deletes exactly the version that was judged stale (``if_match``),
 so two runs breaking one stale lease cannot both win.
 
@@ -42,6 +43,15 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> int | None:
+    """Containers on one host share its boot id but not their pids: compare pids
+    only within one pid namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _process_start(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (None when no such process):
     tells a live holder from a newer process that reused its pid."""
@@ -61,8 +71,10 @@ def _process_start(pid: int) -> int | None:
 def _holder_gone(body: dict) -> bool:
     """True only when the holder certainly died: it ran on this machine since its last
     boot and its process no longer exists (or the pid now names another process)."""
-    boot = _boot_id()
+    boot, ns = _boot_id(), _pid_namespace()
     if not boot or body.get("boot_id") != boot or body.get("host") != socket.gethostname():
+        return False
+    if ns is None or body.get("pid_ns") != ns:
         return False
     pid, start = body.get("pid"), body.get("pid_start")
     if not isinstance(pid, int) or pid <= 0:
@@ -125,7 +137,7 @@ def _lease_body(token: str, seconds: float) -> bytes:
     now = time.time()
     pid = os.getpid()
     return json.dumps({
-        "owner": token, "host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid,
+        "owner": token, "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace(), "pid": pid,
         "pid_start": _process_start(pid), "acquired": now, "deadline": now + seconds,
     }, sort_keys=True).encode()
 
