@@ -20,8 +20,9 @@ changes or removes objects under a committed prefix happens under the lease:
   if absent, or replacing only the version inspected (S3 conditional writes;
   ``os.link`` / a compare under ``flock`` locally);
 - the cleanup after it: objects this run wrote (or resumed) that the committed
-  manifest does not reference, the shards of the manifest it replaced, and
-  orphans older than the orphan age (left by runs that died);
+  manifest does not reference, and orphans older than the orphan age (left by
+  runs that died, or files of a manifest that was replaced, which a reader may
+  still be fetching when the replacement lands);
 - :func:`collect_garbage`, which a run that skips a complete checkpoint calls
   when old orphans are present (it writes nothing otherwise).
 
@@ -151,8 +152,7 @@ def commit_checkpoint(store: Store, prefix: str, staged: Path, manifest: dict, *
                 log.info("%s: replacing the %s manifest", store.url(prefix),
                          "live" if now.complete else f"incomplete ({'; '.join(now.problems[:3])})")
             outcome = _publish(store, prefix, staged, manifest, now, held)
-        outcome.removed = _cleanup(store, prefix, outcome, now if outcome.status == "replaced" else None, owned,
-                                   orphan_age, held)
+        outcome.removed = _cleanup(store, prefix, outcome, owned, orphan_age, held)
     return outcome
 
 
@@ -193,12 +193,12 @@ def _garbage(store: Store, prefix: str, keep: set[str], orphan_age: float) -> se
             if i.key not in keep and i.mtime is not None and i.mtime < cutoff}
 
 
-def _cleanup(store: Store, prefix: str, outcome: CommitOutcome, replaced: CheckpointState | None,
-             owned: Iterable[str], orphan_age: float, held: leases.Lease) -> list[str]:
+def _cleanup(store: Store, prefix: str, outcome: CommitOutcome, owned: Iterable[str], orphan_age: float,
+             held: leases.Lease) -> list[str]:
+    # files of a manifest this run replaced are not this run's: a reader may still be
+    # fetching them, and they go with the orphans once they are old
     keep = {prefix + n for n in referenced(outcome.manifest)} | {prefix + LEASE_NAME}
     doomed = {k for k in owned if k not in keep}
-    if replaced is not None and replaced.manifest is not None:  # the superseded checkpoint's files
-        doomed |= {prefix + n for n in referenced(replaced.manifest)} - keep
     try:
         doomed |= _garbage(store, prefix, keep, orphan_age)
     except StoreError as exc:

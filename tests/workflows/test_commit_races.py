@@ -16,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -99,15 +98,16 @@ def _store_uri(kind: str, tmp: Path, name: str, seaweed) -> tuple[str, str | Non
     return f"s3://{BUCKET}/races/{name}", seaweed.endpoint
 
 
-def _check_committed(store, tmp: Path) -> str:
-    """The store holds one complete checkpoint that loads, and nothing else."""
+def _check_committed(store, tmp: Path, superseded: set[str] = frozenset()) -> str:
+    """The store holds one complete checkpoint that loads, and nothing else (but the
+    ``superseded`` files of a manifest that was replaced: orphans for a later run)."""
     manifests = [k for k in store.list("") if k.endswith("/manifest.json")]
     assert len(manifests) == 1, manifests
     prefix = manifests[0][: -len("manifest.json")]
     state = inspect_checkpoint(store, prefix)
     assert state.complete, state.problems
     fetch_checkpoint(store, prefix, tmp)  # CompressedCheckpoint.load verifies every checksum and tensor
-    left = set(store.list(prefix))
+    left = set(store.list(prefix)) - {prefix + n for n in superseded}
     assert left == {prefix + n for n in referenced(state.manifest)}, left
     assert prefix + LEASE_NAME not in left
     return prefix
@@ -153,7 +153,7 @@ def _repair_then_skip(ray_head, mlflow_server, zoo_file, uri, endpoint, store, p
     assert out["status"] == "repaired", d.text[-3000:]
     assert "is incomplete" in d.text
     assert kept == 0 or f"{kept} shard(s) of the committed checkpoint are intact and kept" in d.text
-    _check_committed(store, tmp_path / "fetched-repaired")
+    _check_committed(store, tmp_path / "fetched-repaired")  # rebuilt under the damaged shards' own names
     after = inspect_checkpoint(store, prefix).manifest
     assert after["tensors"] == manifest["tensors"]  # the same checkpoint again, bit for bit
 
@@ -182,5 +182,6 @@ def _force_keeps_a_readable_checkpoint(ray_head, mlflow_server, zoo_file, uri, e
         time.sleep(0.2)
     out = forced.wait()
     assert out["status"] == "compressed" and polls > 3
-    _check_committed(store, tmp_path / "fetched-forced")  # the superseded plan's shards are gone
+    # the superseded plan's shards stay until they are old orphans (a reader may be fetching them)
+    _check_committed(store, tmp_path / "fetched-forced", superseded=set(plan_before))
     assert sorted(inspect_checkpoint(store, prefix).manifest["shards"]) != plan_before

@@ -262,9 +262,9 @@ def test_racing_commits_one_wins_the_loser_removes_only_its_own(store, tmp_path,
 def test_force_replaces_only_the_version_it_saw(store, tmp_path, plans):
     p = "m/src/cfg-codec1/"
     (da, ma), (db, mb) = plans["a"], plans["b"]
-    _upload(store, p, plans["a"])
-    assert commit_checkpoint(store, p, da, ma, seen=inspect_checkpoint(store, p), force=False, owned=()).status \
-        == "created"
+    first = _upload(store, p, plans["a"])
+    assert commit_checkpoint(store, p, da, ma, seen=inspect_checkpoint(store, p), force=False,
+                             owned=first).status == "created"
     seen = inspect_checkpoint(store, p)
     owned = _upload(store, p, plans["b"])
     # the live checkpoint stays complete while a forced run uploads its shards
@@ -277,8 +277,13 @@ def test_force_replaces_only_the_version_it_saw(store, tmp_path, plans):
     assert done.status == "replaced"
     now = inspect_checkpoint(store, p)
     assert now.complete and now.manifest == mb
-    assert not any(store.exists(p + n) for n in ma["shards"])  # the superseded checkpoint's shards
     _loads(store, p, tmp_path / "fetched")
+    # the superseded checkpoint's shard is not this run's: it stays for a reader that may be
+    # fetching it, and goes with the orphans once old
+    old_shards = {p + n for n in ma["shards"]}
+    assert all(store.exists(k) for k in old_shards)
+    time.sleep(1.2)
+    assert set(collect_garbage(store, p, now, orphan_age=1)) == old_shards
 
 
 def test_commit_refuses_when_its_own_shard_vanished(store, tmp_path, plans):
