@@ -278,23 +278,31 @@ class ModelRun:
         try:
             return self._compress_and_commit(src, source_hash, prefix, index, params, seen, t0)
         except (WorkflowError, StoreError) as exc:
-            if self.opts.force:
-                raise
-            # a concurrent run may have committed while this one worked (and its
-            # cleanup removed this run's unreferenced shards): its checkpoint stands
-            now = commits.inspect_checkpoint(store, prefix)
-            if not now.complete:
+            now = None if self.opts.force else self._committed_meanwhile()
+            if now is None:
                 raise
             log.info("%s: %s; a concurrent run committed a complete checkpoint meanwhile: skipped", spec.name,
                      redact(exc))
             return self._skipped(now, src)
+
+    def _committed_meanwhile(self) -> "commits.CheckpointState | None":
+        """After a failure: the complete checkpoint a concurrent run committed while this
+        one worked (its cleanup may have removed this run's unreferenced shards)."""
+        try:
+            now = commits.inspect_checkpoint(self.store, self.prefix)
+        except StoreError:  # the store itself is failing: the original error says more
+            return None
+        return now if now.complete else None
 
     def _skipped(self, state: "commits.CheckpointState", src) -> ModelOutcome:
         metrics = _manifest_metrics(state.manifest, src.weight_bytes, state.manifest_bytes)
         return ModelOutcome(self.spec.name, "skipped", self.store.url(self.prefix), metrics)
 
     def _collect_garbage(self, state: "commits.CheckpointState") -> None:
+        """Leftovers of dead runs under a complete checkpoint: stale temporaries and
+        multipart uploads, old unreferenced objects. Writes nothing when there are none."""
         try:
+            self.store.abort_incomplete(self.prefix, older_than=self.opts.stale_seconds)
             commits.collect_garbage(self.store, self.prefix, state, lease_seconds=self.opts.lease_seconds,
                                     orphan_age=self.opts.orphan_age)
         except (StoreError, WorkflowError) as exc:  # the checkpoint is fine; leftovers wait for the next run

@@ -23,12 +23,16 @@ from workflows.store import LocalStore, S3Store
 ROOT = Path(__file__).resolve().parents[2]
 
 
+BUCKET = "commit-tests"  # its own bucket: other modules scan theirs for leftovers
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
     seaweed = request.getfixturevalue("seaweed")
-    return S3Store(f"s3://birkhoff/commit-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint)
+    seaweed.create_bucket(BUCKET)
+    return S3Store(f"s3://{BUCKET}/commit-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint)
 
 
 # -- conditional writes ----------------------------------------------------------------
@@ -87,7 +91,8 @@ def test_only_one_of_many_concurrent_creates_wins(store, seaweed):
 
 
 def test_s3_conditional_multipart_upload(seaweed, tmp_path):
-    store = S3Store(f"s3://birkhoff/mpu-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint,
+    seaweed.create_bucket(BUCKET)
+    store = S3Store(f"s3://{BUCKET}/mpu-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint,
                     multipart_threshold=5 * 2**20, part_size=5 * 2**20)
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_bytes(os.urandom(6 * 2**20))
@@ -97,18 +102,19 @@ def test_s3_conditional_multipart_upload(seaweed, tmp_path):
         store.put_file("big", b, if_absent=True)
     assert store.get_bytes("big") == a.read_bytes()
     # the refused upload was aborted, not left behind
-    assert not seaweed.client().list_multipart_uploads(Bucket="birkhoff", Prefix=store.prefix).get("Uploads")
+    assert not seaweed.client().list_multipart_uploads(Bucket=BUCKET, Prefix=store.prefix).get("Uploads")
 
 
 def test_stale_multipart_uploads_only_are_aborted(seaweed):
-    store = S3Store(f"s3://birkhoff/stale-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint)
+    seaweed.create_bucket(BUCKET)
+    store = S3Store(f"s3://{BUCKET}/stale-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint)
     c = seaweed.client()
-    up = c.create_multipart_upload(Bucket="birkhoff", Key=f"{store.prefix}/p/live")
+    up = c.create_multipart_upload(Bucket=BUCKET, Key=f"{store.prefix}/p/live")
     assert store.abort_incomplete("p/", older_than=3600) == 0  # may be a concurrent run's upload
-    assert c.list_multipart_uploads(Bucket="birkhoff", Prefix=store.prefix).get("Uploads")
+    assert c.list_multipart_uploads(Bucket=BUCKET, Prefix=store.prefix).get("Uploads")
     assert store.abort_incomplete("p/", older_than=0) == 1
     assert up["UploadId"] not in {u["UploadId"] for u in
-                                  c.list_multipart_uploads(Bucket="birkhoff", Prefix=store.prefix).get("Uploads", [])}
+                                  c.list_multipart_uploads(Bucket=BUCKET, Prefix=store.prefix).get("Uploads", [])}
 
 
 def test_local_store_refuses_a_file_as_root(tmp_path):
