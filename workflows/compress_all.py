@@ -14,7 +14,13 @@ MLflow in ``runs/mlflow.db``)::
 
 The last stdout line is ``BIRKHOFF_SUMMARY {json}`` (status, checkpoint URI and
 metrics per model). Exit status 0 when no model failed, 1 otherwise, 2 on a
-usage or configuration error.
+usage or configuration error (one line on stderr, before any work starts).
+
+Several runs may share one store at once: each commit is guarded (see
+workflows/commit.py). Environment knobs, in seconds: BIRKHOFF_COMMIT_LEASE_S
+(commit lease, default 300), BIRKHOFF_ORPHAN_AGE_S (after which unreferenced
+objects of dead runs are removed, default 43200), BIRKHOFF_STALE_UPLOAD_S (after
+which a temporary file or multipart upload is a dead writer's, default 3600).
 """
 
 from __future__ import annotations
@@ -31,11 +37,67 @@ if str(_ROOT) not in sys.path:
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 
 log = logging.getLogger("workflows.compress_all")
 
 DEFAULT_ZOO = _ROOT / "infra" / "zoo" / "demo.yaml"
+_SECONDS_ENV = ("BIRKHOFF_COMMIT_LEASE_S", "BIRKHOFF_ORPHAN_AGE_S", "BIRKHOFF_STALE_UPLOAD_S")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: the message says what is wrong
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_in(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi] (argparse names the option in its message)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}" if v < lo else
+                                             f"must be at most {hi}, got {v}")
+        return v
+    return parse
+
+
+def _usage_problems(args) -> list[str]:
+    """What is wrong with the arguments and environment, found before any work starts."""
+    bad = []
+    if args.store is not None and not args.store.strip():
+        bad.append("--store is empty")
+    elif args.store and "://" not in args.store:
+        p = Path(args.store).expanduser()
+        if p.exists() and not p.is_dir():
+            bad.append(f"--store {args.store}: exists and is not a folder")
+        else:
+            parent = next((q for q in p.absolute().parents if q.exists()), None)
+            if parent is not None and not parent.is_dir():
+                bad.append(f"--store {args.store}: {parent} is not a folder")
+    if args.s3_endpoint_url is not None and not args.s3_endpoint_url.startswith(("http://", "https://")):
+        bad.append(f"--s3-endpoint-url must be an http:// or https:// URL, got {args.s3_endpoint_url!r}")
+    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        bad.append(f"--cache-dir {args.cache_dir}: exists and is not a folder")
+    if args.summary_json is not None:
+        out = Path(args.summary_json)
+        if out.is_dir():
+            bad.append(f"--summary-json {args.summary_json}: is a folder")
+        elif not out.absolute().parent.is_dir():
+            bad.append(f"--summary-json {args.summary_json}: no folder {out.absolute().parent}")
+    for name in _SECONDS_ENV:
+        raw = os.environ.get(name)
+        if raw:
+            try:
+                v = float(raw)
+            except ValueError:
+                v = math.nan
+            if not (math.isfinite(v) and v > 0):
+                bad.append(f"{name} must be a positive number of seconds, got {raw!r}")
+    return bad
 
 
 def _runs_dir() -> Path:
@@ -43,7 +105,7 @@ def _runs_dir() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compress_all.py", description=__doc__,
+    p = _Parser(prog="compress_all.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=str(DEFAULT_ZOO), help="zoo YAML file (default: infra/zoo/demo.yaml)")
     p.add_argument("--store", default=None,
@@ -53,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="birkhoff-zoo", help="MLflow experiment name")
     p.add_argument("--only", nargs="+", metavar="NAME", help="compress only these models of the zoo")
     p.add_argument("--force", action="store_true", help="recompress models whose checkpoint is already committed")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_int_in(1, 100_000), default=None,
                    help="parallel shard tasks (default: every CPU, or GPU, of the cluster)")
-    p.add_argument("--max-shard-bytes", type=int, default=None,
+    p.add_argument("--max-shard-bytes", type=_int_in(1, 2**62), default=None,
                    help="source bytes per shard at most (bounds a task's memory; default 512 MiB)")
-    p.add_argument("--task-retries", type=int, default=3,
+    p.add_argument("--task-retries", type=_int_in(0, 100), default=3,
                    help="retries of a shard task after a worker crash or a transient store error")
-    p.add_argument("--cpus-per-task", type=int, default=1,
+    p.add_argument("--cpus-per-task", type=_int_in(1, 4096), default=1,
                    help="CPUs each shard task reserves and its codec threads use (default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "numba-cpu", "numba-cuda"])
     p.add_argument("--s3-endpoint-url", default=None,
@@ -78,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problems = _usage_problems(args)
+    if problems:
+        parser.error("; ".join(problems))
     from workflows import redaction
 
     redaction.install(args.log_level)
@@ -104,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except BirkhoffError as exc:
         log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
         return 2
+    except OSError as exc:  # the store folder cannot be created (permissions, a file on the way)
+        log.error("store %s unusable: %s", args.store or runs / "store", exc.strerror or exc)
+        return 2
 
     tracking_uri = args.tracking_uri
     artifact_location = None
@@ -122,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     redaction.protect_handlers()  # MLflow and Ray add handlers of their own
     opts = RunOptions(
         store=store, force=args.force, workers=args.workers,
-        max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, task_retries=args.task_retries,
+        max_shard_bytes=args.max_shard_bytes if args.max_shard_bytes is not None else DEFAULT_MAX_SHARD_BYTES,
+        task_retries=args.task_retries,
         cpus_per_task=args.cpus_per_task,
         backend=args.backend, cache_dir=args.cache_dir, log_level=args.log_level, eval_mode=args.eval_mode,
         git_commit=args.git_commit or git_commit(),

@@ -4,15 +4,19 @@ task per shard, then commit the checkpoint to the store with its manifest last.
 Store layout, one prefix per (model, source, config, codec version)::
 
     <model>/<source sha256[:16]>/<config hash>-codec<V>/
-        shard-00001-of-00004.safetensors ...   uploaded by the tasks
+        shard-00001-of-00004-<sha256[:24]>.safetensors ...  uploaded by the tasks
         config.json ...                        architecture files, by the driver
         manifest.json                          the commit marker, written last
-        _work/<shard>.json                     resume records, removed at commit
+        _work/<tensor-set hash>.json           resume records, removed at commit
+        _commit.lease                          while a run commits (workflows/commit.py)
 
 A prefix without ``manifest.json`` is not a checkpoint: :func:`fetch_checkpoint`
 refuses it and the next run resumes it (shards whose resume record and object
-match are kept, the rest are recomputed). A committed prefix makes the next run
-skip the model without writing anything.
+match are kept, the rest are recomputed). A complete committed checkpoint (every
+file present with its recorded size and sha256) makes the next run skip the
+model without writing anything; an incomplete one is repaired: the shards that
+are still intact are kept, the others recomputed, and the manifest replaced.
+Concurrent runs on one store are safe: see :mod:`workflows.commit`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from pathlib import Path
 from compressor import format as fmt
 from compressor.codec import CODEC_VERSION
 
+from . import commit as commits
 from .errors import NotCommittedError, StoreError, TransientStoreError, WorkflowError
+from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
-from .sharding import Shard, plan_shards, shard_count
+from .sharding import Shard, plan_shards, shard_count, shards_from_manifest
 from .shard_task import WORK_DIR, run_shard, work_key
-from .store import Store
+from .store import STALE_SECONDS, Store
 from .zoo import ModelSpec, Zoo, resolve_source
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,10 @@ _BASE_TASK_MEMORY = 512 * 1024**2
 # float64 working copy of the shard, its points, indices, the decoded check and
 # the packed output, relative to the source bytes of float32 tensors
 _MEMORY_PER_SOURCE_BYTE = 8
+
+
+def _env_seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 @dataclass
@@ -62,12 +72,39 @@ class RunOptions:
     # evaluate after compressing: "new" (models compressed in this run), "all"
     # (also the skipped ones: the nightly check), "none"
     eval_mode: str = "new"
+    # the commit lease's time (renewed while held), the age after which unreferenced
+    # objects are a dead run's orphans, and after which a temporary or multipart
+    # upload is a dead writer's (compress_all.py checks the environment values)
+    lease_seconds: float = field(default_factory=lambda: _env_seconds("BIRKHOFF_COMMIT_LEASE_S",
+                                                                      DEFAULT_LEASE_SECONDS))
+    orphan_age: float = field(default_factory=lambda: _env_seconds("BIRKHOFF_ORPHAN_AGE_S",
+                                                                   commits.ORPHAN_AGE_SECONDS))
+    stale_seconds: float = field(default_factory=lambda: _env_seconds("BIRKHOFF_STALE_UPLOAD_S", STALE_SECONDS))
+
+    def __post_init__(self) -> None:
+        bad = []
+        if self.workers is not None and self.workers < 1:
+            bad.append(f"workers must be >= 1, got {self.workers}")
+        if self.max_shard_bytes < 1:
+            bad.append(f"max_shard_bytes must be >= 1, got {self.max_shard_bytes}")
+        if self.task_retries < 0:
+            bad.append(f"task_retries must be >= 0, got {self.task_retries}")
+        if self.cpus_per_task < 1:
+            bad.append(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
+        if self.eval_mode not in ("new", "all", "none"):
+            bad.append(f"eval_mode must be new, all or none, got {self.eval_mode!r}")
+        for name in ("lease_seconds", "orphan_age", "stale_seconds"):
+            v = getattr(self, name)
+            if not (v > 0 and v != float("inf")):
+                bad.append(f"{name} must be a positive number of seconds, got {v!r}")
+        if bad:
+            raise WorkflowError("invalid run options: " + "; ".join(bad))
 
 
 @dataclass
 class ModelOutcome:
     name: str
-    status: str  # compressed | skipped | failed
+    status: str  # compressed | repaired | skipped | failed
     checkpoint_uri: str | None = None
     metrics: dict = field(default_factory=dict)
     error: str | None = None
@@ -170,7 +207,7 @@ def _task_memory(shard: Shard, node_mem: float) -> int:
     want = _BASE_TASK_MEMORY + _MEMORY_PER_SOURCE_BYTE * shard.nbytes
     if node_mem and want > 0.9 * node_mem:
         log.warning("shard %s wants %.1f GiB, more than any node offers; requesting %.1f GiB",
-                    shard.filename, want / 2**30, 0.9 * node_mem / 2**30)
+                    shard.stem, want / 2**30, 0.9 * node_mem / 2**30)
         want = int(0.9 * node_mem)
     return int(want)
 
@@ -225,30 +262,89 @@ class ModelRun:
             self.tracker.log_params(self.child_run, params)
             self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **spec.tags})
 
-        manifest_info = store.head(prefix + MANIFEST)
-        if manifest_info is not None and not self.opts.force:
-            manifest = read_manifest(store, prefix)
-            metrics = _manifest_metrics(manifest, src.weight_bytes, manifest_info.size)
-            log.info("%s: skipped, already committed at %s", spec.name, uri)
-            return ModelOutcome(spec.name, "skipped", uri, metrics)
-        if manifest_info is not None:
-            log.info("%s: --force: un-committing %s before recompressing", spec.name, uri)
-            store.delete(prefix + MANIFEST)
-        store.abort_incomplete(prefix)
+        seen = commits.inspect_checkpoint(store, prefix)
+        if seen.complete and not self.opts.force:
+            log.info("%s: skipped, already committed at %s (%d files verified)", spec.name, uri,
+                     len(commits.files_of(seen.manifest)))
+            self._collect_garbage(seen)
+            return self._skipped(seen, src)
+        if seen.committed and not seen.complete:
+            log.warning("%s: the committed checkpoint at %s is incomplete (%s): repairing it", spec.name, uri,
+                        "; ".join(seen.problems[:5]))
+        elif seen.committed:
+            log.info("%s: --force: recompressing; the live checkpoint stays readable until the new one replaces it",
+                     spec.name)
+        store.abort_incomplete(prefix, older_than=self.opts.stale_seconds)
+        try:
+            return self._compress_and_commit(src, source_hash, prefix, index, params, seen, t0)
+        except (WorkflowError, StoreError) as exc:
+            now = None if self.opts.force else self._committed_meanwhile()
+            if now is None:
+                raise
+            log.info("%s: %s; a concurrent run committed a complete checkpoint meanwhile: skipped", spec.name,
+                     redact(exc))
+            return self._skipped(now, src)
 
-        import ray
+    def _committed_meanwhile(self) -> "commits.CheckpointState | None":
+        """After a failure: the complete checkpoint a concurrent run committed while this
+        one worked (its cleanup may have removed this run's unreferenced shards)."""
+        try:
+            now = commits.inspect_checkpoint(self.store, self.prefix)
+        except StoreError:  # the store itself is failing: the original error says more
+            return None
+        return now if now.complete else None
 
+    def _skipped(self, state: "commits.CheckpointState", src) -> ModelOutcome:
+        metrics = _manifest_metrics(state.manifest, src.weight_bytes, state.manifest_bytes)
+        return ModelOutcome(self.spec.name, "skipped", self.store.url(self.prefix), metrics)
+
+    def _collect_garbage(self, state: "commits.CheckpointState") -> None:
+        """Leftovers of dead runs under a complete checkpoint: stale temporaries and
+        multipart uploads, old unreferenced objects. Writes nothing when there are none."""
+        try:
+            self.store.abort_incomplete(self.prefix, older_than=self.opts.stale_seconds)
+            commits.collect_garbage(self.store, self.prefix, state, lease_seconds=self.opts.lease_seconds,
+                                    orphan_age=self.opts.orphan_age)
+        except (StoreError, WorkflowError) as exc:  # the checkpoint is fine; leftovers wait for the next run
+            log.warning("%s: removing orphaned objects failed: %s", self.spec.name, redact(exc))
+
+    def _plan(self, index, src, slots: int, seen: "commits.CheckpointState") -> tuple[list[Shard], dict[int, dict]]:
+        """The shards to produce, and those an incomplete committed checkpoint still
+        holds intact (repair: its own plan, recomputing only what is damaged)."""
+        if seen.manifest is not None and not seen.complete and not self.opts.force:
+            shards = shards_from_manifest(index, seen.manifest)
+            if shards:
+                kept: dict[int, dict] = {}
+                for s in shards:
+                    file = seen.manifest["tensors"][s.names[0]]["shard"]
+                    if file not in seen.damaged:
+                        kept[s.index] = _record_from_manifest(seen.manifest, s, file)
+                return shards, kept
+        return plan_shards(index, shard_count(src.weight_bytes, len(index), slots, self.opts.max_shard_bytes)), {}
+
+    def _compress_and_commit(self, src, source_hash, prefix, index, params, seen, t0) -> ModelOutcome:
+        spec = self.spec
         slots, gpus, node_mem = _cluster_slots(self.opts.workers, self.opts.cpus_per_task)
-        shards = plan_shards(index, shard_count(src.weight_bytes, len(index), slots, self.opts.max_shard_bytes))
-        results = self._resumable(prefix, shards)
+        shards, results = self._plan(index, src, slots, seen)
+        kept = len(results)
+        results.update(self._resumable(prefix, [s for s in shards if s.index not in results]))
         todo = [s for s in shards if s.index not in results]
         log.info("%s: %d shard(s) (%s), %d resumed from an earlier run, %d to compress on %d slot(s)%s",
                  spec.name, len(shards), ", ".join(f"{s.numel / 1e6:.1f}M" for s in shards), len(results),
                  len(todo), slots, " with GPUs" if gpus else "")
+        if kept:
+            log.info("%s: %d shard(s) of the committed checkpoint are intact and kept", spec.name, kept)
+        self._run_tasks(shards, todo, results, index, gpus, node_mem, slots)
+        return self._commit(src, source_hash, prefix, index, shards, results, params, seen, t0)
+
+    def _run_tasks(self, shards, todo, results, index, gpus, node_mem, slots) -> None:
+        import ray
+
+        spec, store = self.spec, self.store
         expected_of = {i.name: (list(i.shape), i.dtype) for i in index}
         base_job = {
             "model": spec.name, "source": spec.source, "revision": spec.revision, "config": spec.config.to_dict(),
-            "store": store.spec(), "prefix": prefix, "backend": self.opts.backend,
+            "store": store.spec(), "prefix": self.prefix, "backend": self.opts.backend,
             "cache_dir": self.opts.cache_dir, "log_level": self.opts.log_level, "cpus": self.opts.cpus_per_task,
         }
         remote = ray.remote(run_shard)
@@ -261,7 +357,7 @@ class ModelRun:
                 while queue and len(pending) < slots:
                     s = queue.pop(0)
                     job = dict(base_job, shard={"index": s.index, "count": s.count, "names": list(s.names),
-                                                "filename": s.filename, "names_hash": s.names_hash},
+                                                "stem": s.stem, "names_hash": s.names_hash},
                                expected={n: expected_of[n] for n in s.names})
                     ref = remote.options(
                         name=f"compress_shard[{spec.name}:{s.index + 1}/{s.count}]",
@@ -294,33 +390,33 @@ class ModelRun:
             for ref in pending:
                 ray.cancel(ref)
             raise
-        return self._commit(src, source_hash, prefix, index, shards, results, params, t0)
 
     def _resumable(self, prefix: str, shards: list[Shard]) -> dict[int, dict]:
-        """Shards finished by an interrupted earlier run with this exact plan."""
+        """Shards an interrupted earlier run finished, whatever its plan: a resume
+        record is keyed by the set of tensors its shard holds."""
         out: dict[int, dict] = {}
         keys = set(self.store.list(prefix + WORK_DIR))
         if not keys:
             return out
         for s in shards:
-            key = work_key(prefix, s.filename)
+            key = work_key(prefix, s.names_hash)
             if key not in keys:
                 continue
             try:
                 rec = json.loads(self.store.get_bytes(key))
-                info = self.store.head(prefix + s.filename)
-            except (StoreError, ValueError) as exc:
-                log.info("%s: resume record %s unusable (%s): recomputing", self.spec.name, s.filename, redact(exc))
+                info = self.store.head(prefix + rec["record"]["file"])
+                ok = (rec.get("names_hash") == s.names_hash and rec.get("config_hash") == self.spec.config.config_hash()
+                      and rec.get("codec_version") == CODEC_VERSION and info is not None
+                      and info.size == rec["record"]["bytes"] and info.sha256 == rec["record"]["sha256"]
+                      and set(rec["tensor_meta"]) == set(s.names))
+            except (StoreError, ValueError, KeyError, TypeError) as exc:
+                log.info("%s: resume record %s unusable (%s): recomputing", self.spec.name, key, redact(exc))
                 continue
-            ok = (rec.get("names_hash") == s.names_hash and rec.get("config_hash") == self.spec.config.config_hash()
-                  and rec.get("codec_version") == CODEC_VERSION and info is not None
-                  and info.size == rec["record"]["bytes"]
-                  and (info.sha256 is None or info.sha256 == rec["record"]["sha256"]))
             if ok:
                 out[s.index] = rec
         return out
 
-    def _commit(self, src, source_hash, prefix, index, shards, results, params, t0) -> ModelOutcome:
+    def _commit(self, src, source_hash, prefix, index, shards, results, params, seen, t0) -> ModelOutcome:
         from compressor.checkpoint import build_manifest, write_extra_files
 
         spec, store = self.spec, self.store
@@ -335,40 +431,54 @@ class ModelRun:
         source_info = src.describe()
         source_info.update({"uri": redact_uri(spec.source), "sha256": source_hash, "revision": spec.revision,
                             "zoo_model": spec.name})
+        # this run's objects: its shards (new or resumed) and the resume records of its plan
+        owned = {prefix + r["file"] for r in records} | {work_key(prefix, s.names_hash) for s in shards}
         with tempfile.TemporaryDirectory(prefix="birkhoff-commit-") as d:
-            # the Hugging Face config gets its quantization_config and the weights index (compressor.hf_files)
+            # the Hugging Face config gets its quantization_config and the weights index (compressor.hf_files);
+            # commit_checkpoint uploads them (where they differ) under the lease, then the manifest
             extras = write_extra_files(d, {f.name: f for f in src.extra_files},
                                        {n: m["shard"] for n, m in meta.items()})
-            for name in extras:
-                store.put_file(prefix + name, Path(d) / name)
             manifest = build_manifest(spec.config, source_info, meta, records, extras)
             fmt.write_manifest(d, manifest)
-            manifest_bytes = (Path(d) / MANIFEST).stat().st_size
-            store.put_file(prefix + MANIFEST, Path(d) / MANIFEST)  # the commit
+            done = commits.commit_checkpoint(store, prefix, Path(d), manifest, seen=seen, force=self.opts.force,
+                                             owned=owned, lease_seconds=self.opts.lease_seconds,
+                                             orphan_age=self.opts.orphan_age)
         uri = store.url(prefix)
-        log.info("%s: committed %s", spec.name, uri)
-        keep = set(manifest["shards"]) | set(extras) | {MANIFEST}
-        try:  # resume records and shards of an older plan: not part of the checkpoint
-            for key in store.list(prefix):
-                if key[len(prefix):] not in keep:
-                    store.delete(key)
-        except StoreError as exc:  # committed already; leftovers are invisible to readers
-            log.warning("%s: cleanup of staging objects failed (%s); the next run retries", spec.name, redact(exc))
+        if done.status == "lost":
+            log.info("%s: a concurrent run committed %s first; its checkpoint stands, this run's extra objects "
+                     "were removed (%d)", spec.name, uri, len(done.removed))
+            return ModelOutcome(spec.name, "skipped", uri,
+                                _manifest_metrics(done.manifest, src.weight_bytes, done.manifest_bytes))
+        repaired = seen.committed and not seen.complete
+        log.info("%s: %s %s (%d stale object(s) removed)", spec.name, "repaired" if repaired else "committed", uri,
+                 len(done.removed))
         stats = [r["stats"] for r in results.values()]
-        metrics = _manifest_metrics(manifest, src.weight_bytes, manifest_bytes)
+        metrics = _manifest_metrics(manifest, src.weight_bytes, done.manifest_bytes)
         metrics.update({
             "compress_seconds": sum(s["compress_seconds"] for s in stats),
             "wall_seconds": time.perf_counter() - t0,
             "shards": len(shards),
             "max_task_peak_rss_mb": max(s["peak_rss_bytes"] for s in stats) / 2**20,
         })
-        shard_stats = [dict(results[s.index]["stats"], shard=s.filename) for s in shards]
+        shard_stats = [dict(results[s.index]["stats"], shard=results[s.index]["record"]["file"]) for s in shards]
         if self.tracker and self.child_run:
             try:
                 self.tracker.log_model_artifacts(self.child_run, manifest, uri, shard_stats)
             except Exception as exc:  # the checkpoint is committed: a bookkeeping error must not fail it
                 log.warning("%s: MLflow artifacts not logged: %s", spec.name, redact(exc))
-        return ModelOutcome(spec.name, "compressed", uri, metrics, shards=shard_stats)
+        return ModelOutcome(spec.name, "repaired" if repaired else "compressed", uri, metrics, shards=shard_stats)
+
+
+def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> dict:
+    """A kept shard of a committed checkpoint, shaped like a task's result."""
+    rec = manifest["shards"][file]
+    return {
+        "record": {"file": file, "bytes": rec["bytes"], "sha256": rec["sha256"]},
+        "tensor_meta": {n: manifest["tensors"][n] for n in shard.names},
+        "names_hash": shard.names_hash,
+        "stats": {"params": shard.numel, "compress_seconds": 0.0, "wall_seconds": 0.0, "peak_rss_bytes": 0,
+                  "pid": None, "node": None, "backend": "kept", "abs_error_sum": 0.0},
+    }
 
 
 def _manifest_metrics(manifest: dict, source_bytes: int, manifest_bytes: int) -> dict:
@@ -433,7 +543,8 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
                          if out.metrics else "")
                 if tracker:
                     _log_success(tracker, child, out)
-                if spec.eval and (opts.eval_mode == "all" or (opts.eval_mode == "new" and out.status == "compressed")):
+                if spec.eval and (opts.eval_mode == "all"
+                                  or (opts.eval_mode == "new" and out.status in ("compressed", "repaired"))):
                     _evaluate(zoo, spec, mrun, out, opts, tracker, child)
             out.run_id = child
             outcomes.append(out)
@@ -443,7 +554,8 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
     finally:
         if tracker:
             try:
-                counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("compressed", "skipped", "failed")}
+                counts = {s: sum(1 for o in outcomes if o.status == s)
+                          for s in ("compressed", "repaired", "skipped", "failed")}
                 tracker.log_metrics(parent, {f"models_{k}": v for k, v in counts.items()})
                 tracker.finish(parent, status)
             except Exception as exc:

@@ -41,6 +41,16 @@ class ChecksumMismatchError(TransientStoreError):
     """What the store holds after an upload differs from what was sent."""
 
 
+class ConditionFailedError(StoreError):
+    """A conditional write or delete did not apply: the object was not in the state
+    the caller required (absent, or at a given ETag). Another writer got there first."""
+
+
+class CommitLeaseError(WorkflowError):
+    """The commit lease of a checkpoint could not be taken in time, or was lost
+    (taken over by another run after its deadline): this run commits nothing."""
+
+
 class NotCommittedError(StoreError):
     """The key holds no committed checkpoint (no manifest.json): staging objects
     of an unfinished run are never readable as a checkpoint."""

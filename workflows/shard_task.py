@@ -2,9 +2,10 @@
 
 Open the source on this node, read only the shard's tensors, compress them
 (CUDA index search on GPU workers, Numba CPU elsewhere), write the shard into a
-local temporary folder, upload it under the checkpoint's prefix, then upload a
-small resume record (``_work/<shard>.json``) and return the same record to the
-driver: the shard's file record, its tensors' manifest entries and statistics.
+local temporary folder, name it after the sha256 of its bytes, upload it under
+the checkpoint's prefix, then upload a small resume record
+(``_work/<tensor-set hash>.json``) and return the same record to the driver: the
+shard's file record, its tensors' manifest entries and statistics.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ log = logging.getLogger(__name__)
 WORK_DIR = "_work/"
 
 
-def work_key(prefix: str, filename: str) -> str:
-    return f"{prefix}{WORK_DIR}{filename}.json"
+def work_key(prefix: str, names_hash: str) -> str:
+    """Resume record of the shard holding exactly the tensors ``names_hash`` names:
+    any later run whose plan has that shard resumes it, whatever its worker count."""
+    return f"{prefix}{WORK_DIR}{names_hash}.json"
 
 
 def peak_rss_bytes() -> int:
@@ -55,6 +58,7 @@ def run_shard(job: dict) -> dict:
     from compressor.sources import open_source
 
     from . import redaction
+    from .sharding import SHARD_SUFFIX, shard_filename
     from .store import open_store
     from .zoo import resolve_source
 
@@ -87,9 +91,16 @@ def run_shard(job: dict) -> dict:
         "compress_seconds": float(timings.get("seconds", 0.0)),
     }
     with tempfile.TemporaryDirectory(prefix="birkhoff-shard-") as d:
-        record, meta = write_entries_shard(d, shard["filename"], entries, backend.kernels)
+        staged = shard["stem"] + SHARD_SUFFIX
+        record, meta = write_entries_shard(d, staged, entries, backend.kernels)
         del entries
-        store.put_file(job["prefix"] + shard["filename"], Path(d) / shard["filename"])
+        # the name is known only once the bytes are: rename, and point the entries at it
+        filename = shard_filename(shard["stem"], record["sha256"])
+        os.replace(Path(d) / staged, Path(d) / filename)
+        record["file"] = filename
+        for m in meta.values():
+            m["shard"] = filename
+        store.put_file(job["prefix"] + filename, Path(d) / filename)
     stats.update({
         "wall_seconds": time.perf_counter() - t0,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -100,7 +111,7 @@ def run_shard(job: dict) -> dict:
     result = {
         "model": model,
         "shard": shard["index"],
-        "filename": shard["filename"],
+        "filename": filename,
         "names_hash": shard["names_hash"],
         "config_hash": config.config_hash(),
         "codec_version": CODEC_VERSION,
@@ -108,7 +119,7 @@ def run_shard(job: dict) -> dict:
         "tensor_meta": meta,
         "stats": stats,
     }
-    store.put_bytes(work_key(job["prefix"], shard["filename"]), json.dumps(result).encode())
+    store.put_bytes(work_key(job["prefix"], shard["names_hash"]), json.dumps(result).encode())
     log.info("%s: done in %.1f s (codec %.1f s, %d bytes, peak RSS %.0f MiB)", tag, stats["wall_seconds"],
              stats["compress_seconds"], record["bytes"], stats["peak_rss_bytes"] / 2**20)
     return result

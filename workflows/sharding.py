@@ -5,6 +5,11 @@ without reading any tensor data. Longest-processing-time-first: tensors in
 descending element count each go to the shard with the fewest elements so far;
 inside a shard the tensors keep the source order. Deterministic for a given
 index and shard count.
+
+A shard's file name is ``shard-00001-of-00004-<sha256[:24]>.safetensors``: its
+place in the plan for people, and the hash of its bytes so that no two plans
+(two runs with different worker counts) ever store different bytes under one
+name in a shared store.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 SHARD_SUFFIX = ".safetensors"
+_NAME_HASH_CHARS = 24  # 96 bits: names of different bytes never meet
+
+
+def shard_filename(stem: str, sha256: str) -> str:
+    """The stored name of a shard: its stem and the sha256 of its bytes."""
+    return f"{stem}-{sha256[:_NAME_HASH_CHARS]}{SHARD_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -27,8 +38,9 @@ class Shard:
     nbytes: int
 
     @property
-    def filename(self) -> str:
-        return f"shard-{self.index + 1:05d}-of-{self.count:05d}{SHARD_SUFFIX}"
+    def stem(self) -> str:
+        """Place in the plan (the file name adds the hash of the bytes, see :func:`shard_filename`)."""
+        return f"shard-{self.index + 1:05d}-of-{self.count:05d}"
 
     @property
     def names_hash(self) -> str:
@@ -66,3 +78,24 @@ def plan_shards(index: Sequence, n_shards: int) -> list[Shard]:
         Shard(i, count, tuple(t.name for t in g), sum(int(t.numel) for t in g), sum(int(t.nbytes) for t in g))
         for i, g in enumerate(groups)
     ]
+
+
+def shards_from_manifest(index: Sequence, manifest: dict) -> list[Shard] | None:
+    """The plan a committed manifest was written with (tensors grouped by the shard
+    each is stored in, shards in manifest order), so a repair recomputes only the
+    shards that are missing or damaged. None when the manifest does not list
+    exactly the source's tensors."""
+    by_name = {t.name: t for t in index}
+    tensors = manifest.get("tensors", {})
+    if set(tensors) != set(by_name):
+        return None
+    order = {t.name: i for i, t in enumerate(index)}
+    groups: dict[str, list] = {name: [] for name in manifest.get("shards", {})}
+    for name, entry in tensors.items():
+        if entry.get("shard") not in groups:
+            return None
+        groups[entry["shard"]].append(by_name[name])
+    members = [sorted(g, key=lambda t: order[t.name]) for g in groups.values() if g]
+    count = len(members)
+    return [Shard(i, count, tuple(t.name for t in g), sum(int(t.numel) for t in g), sum(int(t.nbytes) for t in g))
+            for i, g in enumerate(members)]

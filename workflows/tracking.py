@@ -53,7 +53,15 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            except MlflowException as exc:  # two drivers starting at once: the other one created it
+                exp = self.client.get_experiment_by_name(experiment)
+                if exp is None or exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
         self.experiment_id = exp_id

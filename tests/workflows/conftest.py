@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,20 +74,24 @@ class RayHead:
         self.gcs = f"127.0.0.1:{gcs_port}"
         self.temp_dir = Path(temp_dir)
 
-    def submit(self, args: list[str], *, wait: bool = True, timeout: float = 300, env=None):
-        """`ray job submit` of compress_all.py with the repo as working dir."""
+    def submit(self, args: list[str], *, wait: bool = True, timeout: float = 300, env=None, log=None):
+        """`ray job submit` of compress_all.py with the repo as working dir (``log``: a
+        file for the job's output when not waiting, instead of a pipe)."""
         cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", self.dashboard,
                "--runtime-env", str(ROOT / "infra" / "runtime_env.yaml"), "--working-dir", str(ROOT),
                "--", "python", "workflows/compress_all.py", *args]
         if wait:
             return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
 
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory, s3_creds, cache_dir):
     ports = free_ports(10)
-    temp = tmp_path_factory.mktemp("ray")
+    # Ray's unix sockets live under its temp dir and their paths may not exceed 107
+    # bytes: pytest's numbered base dir can be too deep for that, so use a short one
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir=tempfile.gettempdir()))
     env = dict(os.environ, **s3_creds)
     # small store retry budget: the outage test should fail fast, then resume
     env.update(BIRKHOFF_STORE_ATTEMPTS="2", BIRKHOFF_STORE_BASE_DELAY="0.2", BIRKHOFF_CACHE=str(cache_dir),
@@ -120,6 +126,7 @@ def ray_head(tmp_path_factory, s3_creds, cache_dir):
     yield head
     stop_pid(proc.pid, timeout=30)
     log.close()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -294,15 +294,15 @@ def test_store_outage_mid_upload_leaves_nothing_committed_and_rerun_completes(
         prefix = next(iter(objs)).split("shard-")[0].split("_work/")[0]
         with pytest.raises(NotCommittedError):
             fetch_checkpoint(store, prefix, tmp_path / "nope")
-        # every shard with a resume record matches it byte for byte (a shard whose record
-        # the outage cut off is not resumable: the rerun compresses it again)
+        # every resume record names a shard that matches it byte for byte (a shard whose
+        # record the outage cut off is not resumable: the rerun compresses it again)
         recorded = 0
         for k in objs:
-            rec_key = k.replace("shard-", "_work/shard-") + ".json"
-            if k.endswith(".safetensors") and rec_key in objs:
-                data = store.get_bytes(k)
-                rec = json.loads(store.get_bytes(rec_key))
+            if "/_work/" in k and k.endswith(".json"):
+                rec = json.loads(store.get_bytes(k))
+                data = store.get_bytes(prefix + rec["record"]["file"])
                 assert hashlib.sha256(data).hexdigest() == rec["record"]["sha256"] and len(data) == rec["record"]["bytes"]
+                assert rec["record"]["sha256"][:24] in rec["record"]["file"]  # named after its bytes
                 recorded += 1
         assert recorded >= 1, objs
 

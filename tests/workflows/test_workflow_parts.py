@@ -41,7 +41,7 @@ def test_shards_balanced_by_elements_and_deterministic():
     for s in shards:
         assert list(s.names) == sorted(s.names, key=order.index)  # source order inside a shard
     assert plan_shards(index, 2) == shards
-    assert [s.filename for s in shards] == ["shard-00001-of-00002.safetensors", "shard-00002-of-00002.safetensors"]
+    assert [s.stem for s in shards] == ["shard-00001-of-00002", "shard-00002-of-00002"]
     assert len(plan_shards(index, 50)) == len(index)
 
 
@@ -143,10 +143,16 @@ def test_local_store(tmp_path):
     store = open_store(str(tmp_path / "store"))
     assert isinstance(store, LocalStore)
     _exercise(store, tmp_path)
-    # a temporary left by a killed writer is invisible and cleaned up
-    (tmp_path / "store" / "m" / "a" / ".shard2.bin.tmp-dead").write_bytes(b"partial")
+    # a temporary is invisible; one a killed writer left is removed once it is stale,
+    # never while it is young enough to belong to a live writer
+    tmp = tmp_path / "store" / "m" / "a" / ".shard2.bin.tmp-dead"
+    tmp.write_bytes(b"partial")
     assert store.list("m/") == ["m/a/shard.bin"]
-    assert store.abort_incomplete("m/") == 1
+    assert store.abort_incomplete("m/", older_than=3600) == 0 and tmp.exists()
+    old = tmp.stat().st_mtime - 7200
+    os.utime(tmp, (old, old))
+    assert store.abort_incomplete("m/", older_than=3600) == 1 and not tmp.exists()
+    assert store.list("m/") == ["m/a/shard.bin"]
 
 
 def test_s3_store_roundtrip_multipart_and_abort(seaweed, tmp_path):

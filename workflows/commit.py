@@ -1,0 +1,242 @@
+"""Committing a checkpoint to the store so that concurrent runs never lose data.
+
+A checkpoint lives under one prefix per (model, source, config, codec)::
+
+    <prefix>shard-00001-of-00002-<sha256[:24]>.safetensors   content-addressed shards
+    <prefix>config.json ...                                   architecture files
+    <prefix>manifest.json                                     the commit: created last
+    <prefix>_work/<tensor-set hash>.json                      resume records of unfinished runs
+    <prefix>_commit.lease                                     held while a run commits or cleans up
+
+Shard names carry the sha256 of their bytes, so two runs that plan differently
+(or the same) never write different bytes under one name. Everything that
+changes or removes objects under a committed prefix happens under the lease:
+
+- the commit itself (:func:`commit_checkpoint`): look at the manifest now there;
+  if it is a complete checkpoint (and this is not ``--force`` over exactly the
+  version seen when the run started), this run lost the race and commits
+  nothing. Otherwise check that every shard this run references is there as
+  recorded, write the architecture files, and write the manifest: created only
+  if absent, or replacing only the version inspected (S3 conditional writes;
+  ``os.link`` / a compare under ``flock`` locally);
+- the cleanup after it: objects this run wrote (or resumed) that the committed
+  manifest does not reference, and orphans older than the orphan age (left by
+  runs that died, or files of a manifest that was replaced, which a reader may
+  still be fetching when the replacement lands);
+- :func:`collect_garbage`, which a run that skips a complete checkpoint calls
+  when old orphans are present (it writes nothing otherwise).
+
+A complete checkpoint is one whose manifest validates and whose every shard and
+architecture file has the recorded size and sha256 (:func:`inspect_checkpoint`);
+a run that finds an incomplete one repairs it instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from compressor import format as fmt
+from compressor.errors import BirkhoffError
+
+from . import lease as leases
+from .errors import CommitLeaseError, ConditionFailedError, StoreError, WorkflowError
+from .redaction import redact
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = fmt.MANIFEST_NAME
+LEASE_NAME = "_commit.lease"
+_MAX_MANIFEST_BYTES = fmt.LoadLimits().max_manifest_bytes
+# unreferenced objects this old are leftovers of runs that died (a live run
+# commits, or checks its objects under the lease first, long before)
+ORPHAN_AGE_SECONDS = 12 * 3600.0
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a prefix holds: no manifest, or a manifest and what is wrong with it."""
+
+    etag: str | None = None  # of manifest.json; None when there is none
+    manifest: dict | None = None  # parsed and validated; None when absent or unreadable
+    manifest_bytes: int = 0
+    problems: tuple[str, ...] = ()
+    damaged: frozenset[str] = frozenset()  # files the manifest lists that are missing or differ
+
+    @property
+    def committed(self) -> bool:
+        return self.etag is not None
+
+    @property
+    def complete(self) -> bool:
+        return self.committed and self.manifest is not None and not self.problems
+
+
+def files_of(manifest: dict) -> dict[str, dict]:
+    """Every stored file a manifest references (shards and architecture files) with
+    its recorded ``bytes`` and ``sha256``."""
+    return {**manifest.get("shards", {}), **manifest.get("extra_files", {})}
+
+
+def referenced(manifest: dict) -> set[str]:
+    return set(files_of(manifest)) | {MANIFEST}
+
+
+def check_objects(store: Store, prefix: str, files: dict[str, dict]) -> dict[str, str]:
+    """File name -> what differs between the store and its recorded size and sha256."""
+    problems = {}
+    for name, rec in sorted(files.items()):
+        info = store.head(prefix + name)
+        if info is None:
+            problems[name] = f"{name} is missing"
+        elif info.size != rec["bytes"]:
+            problems[name] = f"{name} is {info.size} bytes, the manifest records {rec['bytes']}"
+        elif info.sha256 != rec["sha256"]:
+            problems[name] = (f"{name} has sha256 {info.sha256 or '(none stored)'}, the manifest records "
+                              f"{rec['sha256']}")
+    return problems
+
+
+def inspect_checkpoint(store: Store, prefix: str) -> CheckpointState:
+    """Read and validate the manifest under ``prefix`` and check every file it lists
+    (size and sha256; S3 keeps the sha256 each upload verified, a folder is hashed)."""
+    try:
+        got = store.read(prefix + MANIFEST, _MAX_MANIFEST_BYTES)
+    except StoreError as exc:
+        info = store.head(prefix + MANIFEST)
+        if info is None:
+            return CheckpointState()
+        return CheckpointState(info.etag, None, info.size, (f"{MANIFEST} unreadable: {redact(exc)}",))
+    if got is None:
+        return CheckpointState()
+    raw, info = got
+    try:
+        manifest = json.loads(raw)
+        fmt.validate_manifest(manifest, store.url(prefix))
+    except (ValueError, TypeError, BirkhoffError) as exc:
+        return CheckpointState(info.etag, None, info.size, (f"{MANIFEST} invalid: {redact(exc)}",))
+    problems = check_objects(store, prefix, files_of(manifest))
+    return CheckpointState(info.etag, manifest, info.size, tuple(problems.values()), frozenset(problems))
+
+
+@dataclass
+class CommitOutcome:
+    status: str  # created | replaced | lost
+    manifest: dict  # the committed one: this run's, or the winner's when it lost
+    manifest_bytes: int
+    removed: list[str] = field(default_factory=list)
+
+
+def commit_checkpoint(store: Store, prefix: str, staged: Path, manifest: dict, *, seen: CheckpointState,
+                      force: bool, owned: Iterable[str], lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
+                      orphan_age: float = ORPHAN_AGE_SECONDS) -> CommitOutcome:
+    """Commit ``manifest`` (written in ``staged`` with the architecture files it lists)
+    under ``prefix``, whose shards this run uploaded already; then clean up.
+
+    ``seen``: the state inspected when the run started (``--force`` replaces a
+    complete checkpoint only if it is still that version). ``owned``: keys this run
+    wrote or resumed (its shards and resume records): what its cleanup may remove
+    once the committed manifest does not reference them."""
+    store.ensure_conditional_writes()
+    with leases.acquire(store, prefix + LEASE_NAME, lease_seconds) as held:
+        now = inspect_checkpoint(store, prefix)
+        if now.complete and not (force and now.etag == seen.etag):
+            outcome = CommitOutcome("lost", now.manifest, now.manifest_bytes)
+        else:
+            if now.committed:
+                log.info("%s: replacing the %s manifest", store.url(prefix),
+                         "live" if now.complete else f"incomplete ({'; '.join(now.problems[:3])})")
+            outcome = _publish(store, prefix, staged, manifest, now, held)
+        outcome.removed = _cleanup(store, prefix, outcome, owned, orphan_age, held)
+    return outcome
+
+
+def _publish(store: Store, prefix: str, staged: Path, manifest: dict, now: CheckpointState,
+             held: leases.Lease) -> CommitOutcome:
+    # nothing removes objects under this prefix while we hold the lease, so what this
+    # check sees is what the manifest will reference
+    problems = list(check_objects(store, prefix, manifest["shards"]).values())
+    if problems:
+        raise WorkflowError(f"{store.url(prefix)}: shards of this run changed before the commit "
+                            f"({'; '.join(problems[:3])}); nothing committed, the next run recomputes them")
+    for name, rec in sorted(manifest.get("extra_files", {}).items()):
+        held.renew_if_due()
+        info = store.head(prefix + name)
+        if info is None or info.size != rec["bytes"] or info.sha256 != rec["sha256"]:
+            store.put_file(prefix + name, staged / name)
+    held.renew_if_due()
+    path = staged / MANIFEST
+    try:
+        if now.committed:
+            store.put_file(prefix + MANIFEST, path, if_match=now.etag)
+        else:
+            store.put_file(prefix + MANIFEST, path, if_absent=True)
+    except ConditionFailedError:
+        # only when our lease was taken over (we stalled past its deadline): the
+        # taker's checkpoint stands if it is complete
+        after = inspect_checkpoint(store, prefix)
+        if after.complete:
+            return CommitOutcome("lost", after.manifest, after.manifest_bytes)
+        raise CommitLeaseError(f"{store.url(prefix)}: the manifest changed while this run held the commit lease; "
+                               "nothing committed") from None
+    return CommitOutcome("replaced" if now.committed else "created", manifest, path.stat().st_size)
+
+
+def _garbage(store: Store, prefix: str, keep: set[str], orphan_age: float) -> set[str]:
+    cutoff = time.time() - orphan_age
+    return {i.key for i in store.list_info(prefix)
+            if i.key not in keep and i.mtime is not None and i.mtime < cutoff}
+
+
+def _cleanup(store: Store, prefix: str, outcome: CommitOutcome, owned: Iterable[str], orphan_age: float,
+             held: leases.Lease) -> list[str]:
+    # files of a manifest this run replaced are not this run's: a reader may still be
+    # fetching them, and they go with the orphans once they are old
+    keep = {prefix + n for n in referenced(outcome.manifest)} | {prefix + LEASE_NAME}
+    doomed = {k for k in owned if k not in keep}
+    try:
+        doomed |= _garbage(store, prefix, keep, orphan_age)
+    except StoreError as exc:
+        log.warning("%s: listing for cleanup failed (%s)", store.url(prefix), redact(exc))
+    return _delete_all(store, sorted(doomed), held)
+
+
+def _delete_all(store: Store, keys: list[str], held: leases.Lease) -> list[str]:
+    removed = []
+    for key in keys:
+        try:
+            held.renew_if_due()
+            store.delete(key)
+            removed.append(key)
+        except (StoreError, CommitLeaseError) as exc:  # committed already: leftovers are invisible to readers
+            log.warning("cleanup of %s failed (%s); a later run retries", store.url(key), redact(exc))
+            break
+    return removed
+
+
+def collect_garbage(store: Store, prefix: str, state: CheckpointState, *,
+                    lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
+                    orphan_age: float = ORPHAN_AGE_SECONDS) -> list[str]:
+    """Under a complete checkpoint, remove objects no manifest references that are
+    older than ``orphan_age`` (leftovers of runs that died, a stale lease). Writes
+    nothing, not even the lease, when there are none."""
+    if not state.complete:
+        return []
+    keep = {prefix + n for n in referenced(state.manifest)}
+    if not _garbage(store, prefix, keep, orphan_age):
+        return []
+    with leases.acquire(store, prefix + LEASE_NAME, lease_seconds) as held:
+        now = inspect_checkpoint(store, prefix)
+        if not now.complete:
+            return []
+        keep = {prefix + n for n in referenced(now.manifest)} | {prefix + LEASE_NAME}
+        removed = _delete_all(store, sorted(_garbage(store, prefix, keep, orphan_age)), held)
+    if removed:
+        log.info("%s: removed %d orphaned object(s) older than %.0f h", store.url(prefix), len(removed),
+                 orphan_age / 3600)
+    return removed
