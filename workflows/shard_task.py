@@ -41,7 +41,10 @@ def _limit_threads(cpus: int) -> None:
     try:
         import numba
 
+        from numba_kernels import threads
+
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        threads.set_threads(n)  # the codec kernels' own pool (numba_kernels/threads.py)
     except ImportError:  # the reference backend needs no numba
         pass
 
