@@ -136,15 +136,14 @@ def committed_checkpoints(store: Store) -> list[str]:
 # -- Ray plumbing ---------------------------------------------------------------------
 
 def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
-    import ray
+    """The cluster at ``address`` / ``RAY_ADDRESS`` (which must answer within 60 s, else
+    :class:`eval_jobs.ray_cluster.RayUnavailableError`), or, with neither, a private local
+    Ray on 127.0.0.1 whatever other Ray clusters on the machine did (see eval_jobs/ray_cluster.py)."""
+    from eval_jobs.ray_cluster import init_ray
 
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=workers * cpus_per_task if workers else None, include_dashboard=False,
-                 log_to_driver=True)
+    init_ray(address, num_cpus=workers * cpus_per_task if workers else None, log_to_driver=True)
+    import ray  # after init_ray: it sets the loopback environment before ray is first imported
+
     res = ray.cluster_resources()
     log.info("Ray cluster: %s CPU, %s GPU, %.1f GiB memory", res.get("CPU", 0), res.get("GPU", 0),
              res.get("memory", 0) / 2**30)
