@@ -10,6 +10,7 @@ lazily typed kernels compile the same signatures they will meet.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
@@ -24,6 +25,21 @@ def _dispatchers(*modules) -> list:
             if hasattr(obj, "stats") and hasattr(obj, "signatures") and hasattr(obj, "py_func"):
                 seen[id(obj)] = obj
     return list(seen.values())
+
+
+def compile_counts(modules=None) -> dict:
+    """Kernel signatures this process has so far compiled, and loaded from the cache,
+    over the given kernel modules (default: those already imported)."""
+    if modules is None:
+        names = ("numba_kernels.cpu", "numba_kernels.hyperlinear_cpu", "numba_kernels.cuda")
+        modules = [sys.modules[n] for n in names if n in sys.modules]
+    compiled = loaded = sigs = 0
+    for d in _dispatchers(*modules):
+        stats = d.stats
+        loaded += sum(getattr(stats, "cache_hits", {}).values())
+        compiled += sum(getattr(stats, "cache_misses", {}).values())
+        sigs += len(d.signatures)
+    return {"signatures": sigs, "compiled": compiled, "loaded_from_cache": loaded}
 
 
 def _codec_calls(k) -> None:
@@ -90,16 +106,7 @@ def warm_up(cuda: bool | None = None) -> dict:
             raise RuntimeError(f"CUDA warm-up requested but no usable GPU: {why}")
         else:
             result["cuda"] = f"skipped ({why})"
-    compiled = loaded = 0
-    sigs = 0
-    for d in _dispatchers(*mods):
-        stats = getattr(d, "stats", None)
-        hits = sum(getattr(stats, "cache_hits", {}).values())
-        misses = sum(getattr(stats, "cache_misses", {}).values())
-        loaded += hits
-        compiled += misses
-        sigs += len(d.signatures)
-    result.update({"signatures": sigs, "compiled": compiled, "loaded_from_cache": loaded,
-                   "seconds": round(time.perf_counter() - t0, 3)})
+    result.update(compile_counts(mods))
+    result["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("kernels warm: %s", result)
     return result

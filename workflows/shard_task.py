@@ -49,6 +49,14 @@ def _limit_threads(cpus: int) -> None:
         pass
 
 
+def _kernels_compiled() -> int:
+    try:
+        from numba_kernels.warmup import compile_counts
+    except ImportError:  # the reference backend needs no numba
+        return 0
+    return compile_counts()["compiled"]
+
+
 def run_shard(job: dict) -> dict:
     from compressor.backends import resolve_backend
     from compressor.checkpoint import compress_tensors, write_entries_shard
@@ -99,6 +107,8 @@ def run_shard(job: dict) -> dict:
         "pid": os.getpid(),
         "node": socket.gethostname(),
         "backend": backend.backend.value,
+        # 0 once the machine's kernel cache is warm (numba_kernels/cache.py): this worker compiled nothing
+        "kernels_compiled": _kernels_compiled(),
     })
     result = {
         "model": model,

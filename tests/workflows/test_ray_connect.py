@@ -68,7 +68,10 @@ def _main_job(tmp: Path, *args, env=None) -> subprocess.Popen:
 
 
 def test_embedded_default_ignores_a_stale_record_and_stays_on_loopback(private_tmp):
+    from numba_kernels.warmup import warm_up
+
     tmp, dead = private_tmp
+    warm_up(cuda=False)  # this machine's kernel cache, which the job's Ray workers must find
     summary = tmp / "summary.json"
     proc = _main_job(tmp, "--summary-json", str(summary))
     out: dict = {}
@@ -81,6 +84,8 @@ def test_embedded_default_ignores_a_stale_record_and_stays_on_loopback(private_t
     assert proc.returncode == 0, out.get("stderr", "")[-3000:]
     models = json.loads(summary.read_text())["models"]
     assert models["tiny"]["status"] == "compressed", models
+    # the worker, a fresh process of a fresh Ray, loaded every kernel from the machine's cache
+    assert [sh["kernels_compiled"] for sh in models["tiny"]["shards"]] == [0], models["tiny"]["shards"]
     assert "Connecting to existing Ray cluster" not in out["stderr"]
     assert (tmp / "ray" / "ray_current_cluster").read_text() == dead  # someone else's record: untouched
     assert sockets.listeners_matching("raylet") and sockets.listeners_matching("gcs_server"), sockets.listening
