@@ -153,7 +153,11 @@ def _add_warmup(sub) -> None:
 def _cmd_warmup(args) -> int:
     from numba_kernels.warmup import warm_up
 
-    res = warm_up(cuda={"auto": None, "yes": True, "no": False}[args.cuda])
+    try:
+        res = warm_up(cuda={"auto": None, "yes": True, "no": False}[args.cuda])
+    except RuntimeError as exc:  # --cuda yes without a usable GPU
+        print(f"birkhoff warmup: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(res))
     else:

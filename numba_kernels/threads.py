@@ -8,7 +8,11 @@ Here instead every thread runs the same serial, GIL-free kernel, which claims
 small chunks of the work from one shared counter (:func:`claim`, an atomic
 fetch-and-add) until none is left: a slow thread simply claims fewer chunks.
 The threads are a small Python pool that waits on a lock, not a spinning
-OpenMP team. Every chunk's result depends only on its own points, so the
+OpenMP team. (``numba.set_parallel_chunksize`` is no substitute here: with the
+``omp`` threading layer this venv gets, numba's ``parallel_for`` runs the chunks
+under ``#pragma omp for`` with no schedule clause, which GNU OpenMP splits
+statically; only the ``tbb`` layer schedules them dynamically, and TBB is not
+installed.) Every chunk's result depends only on its own points, so the
 output is the same bits for any thread count and any schedule.
 
 The thread count is process-wide: :func:`set_threads` (a Ray shard task sets it

@@ -89,16 +89,17 @@ def warm_up(cuda: bool | None = None) -> dict:
     _codec_calls(cpu)
     _hyperlinear_cpu_calls(hyperlinear_cpu)
     mods = [cpu, hyperlinear_cpu]
-    from . import bitpack  # noqa: F401  (its groups compile inside cpu's kernels)
-
     result: dict = {"cache_dir": str(cache.cache_dir()), "cuda": "skipped"}
     if cuda is not False:
-        from compressor.backends import cuda_status
-
-        ok, why = cuda_status()
-        if ok:
+        try:
             from . import cuda as cuda_kernels
 
+            ok, why = cuda_kernels.is_available()
+        except ImportError as exc:
+            ok, why = False, f"numba-cuda not importable ({exc})"
+        if ok:
+            # the codec's kernels (cache=True); HyperLinear's CUDA kernels are not cached
+            # by numba-cuda here and compile in each process on first use
             _codec_calls(cuda_kernels)
             mods.append(cuda_kernels)
             result["cuda"] = "compiled"
