@@ -33,7 +33,7 @@ from compressor.codec import CODEC_VERSION
 from .errors import NotCommittedError, StoreError, TransientStoreError, WorkflowError
 from .redaction import redact, redact_uri
 from .sharding import Shard, plan_shards, shard_count
-from .shard_task import WORK_DIR, run_shard, work_key
+from .shard_task import WORK_DIR, run_shard, warm_worker, work_key
 from .store import Store
 from .zoo import ModelSpec, Zoo, resolve_source
 
@@ -135,6 +135,10 @@ def committed_checkpoints(store: Store) -> list[str]:
 
 # -- Ray plumbing ---------------------------------------------------------------------
 
+_MAX_WARM_TASKS = 64
+_WARMING: list = []  # the warm-up tasks' refs, kept so that Ray does not report them as lost
+
+
 def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
     """The cluster at ``address`` / ``RAY_ADDRESS`` (which must answer within 60 s, else
     :class:`eval_jobs.ray_cluster.RayUnavailableError`), or, with neither, a private local
@@ -147,6 +151,14 @@ def connect_ray(address: str | None = None, workers: int | None = None, cpus_per
     res = ray.cluster_resources()
     log.info("Ray cluster: %s CPU, %s GPU, %.1f GiB memory", res.get("CPU", 0), res.get("GPU", 0),
              res.get("memory", 0) / 2**30)
+    # one warm-up per task slot, not awaited: workers start, import and load the kernel cache
+    # while this driver reads the zoo, the sources and MLflow (shard_task.warm_worker)
+    try:
+        slots, _, _ = _cluster_slots(workers, cpus_per_task)
+    except WorkflowError:  # no node fits a task: the model run says so
+        return
+    warm = ray.remote(warm_worker).options(name="warm_worker", num_cpus=cpus_per_task, max_retries=0)
+    _WARMING.extend(warm.remote() for _ in range(min(slots, _MAX_WARM_TASKS)))
 
 
 def _cluster_slots(workers: int | None, cpus_per_task: int = 1) -> tuple[int, bool, float]:

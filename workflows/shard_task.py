@@ -49,6 +49,28 @@ def _limit_threads(cpus: int) -> None:
         pass
 
 
+def warm_worker() -> dict:
+    """Import what a shard task imports and load (or compile) the Numba kernels. The
+    driver runs one per task slot right after connecting, not waiting for them: a
+    worker process then starts, imports torch and the codec and loads the kernel
+    cache while the driver reads zoo, sources and MLflow, and the shard tasks that
+    follow reuse that process."""
+    t0 = time.perf_counter()
+    from compressor import checkpoint, sources  # noqa: F401
+
+    from . import store, zoo  # noqa: F401
+    import torch
+
+    res: dict = {}
+    try:
+        from numba_kernels.warmup import warm_up
+    except ImportError:  # the reference backend needs no numba
+        pass
+    else:
+        res = warm_up(cuda=None if torch.cuda.is_available() else False)
+    return dict(res, pid=os.getpid(), node=socket.gethostname(), seconds=time.perf_counter() - t0)
+
+
 def _kernels_compiled() -> int:
     try:
         from numba_kernels.warmup import compile_counts
