@@ -142,7 +142,12 @@ _WARMING: list = []  # the warm-up tasks' refs, kept so that Ray does not report
 def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
     """The cluster at ``address`` / ``RAY_ADDRESS`` (which must answer within 60 s, else
     :class:`eval_jobs.ray_cluster.RayUnavailableError`), or, with neither, a private local
-    Ray on 127.0.0.1 whatever other Ray clusters on the machine did (see eval_jobs/ray_cluster.py)."""
+    Ray on 127.0.0.1 whatever other Ray clusters on the machine did (see eval_jobs/ray_cluster.py).
+    Once connected, later calls do nothing."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
     from eval_jobs.ray_cluster import init_ray
 
     init_ray(address, num_cpus=workers * cpus_per_task if workers else None, log_to_driver=True)
