@@ -136,7 +136,7 @@ def committed_checkpoints(store: Store) -> list[str]:
 # -- Ray plumbing ---------------------------------------------------------------------
 
 _MAX_WARM_TASKS = 64
-_WARMING: list = []  # the warm-up tasks' refs, kept so that Ray does not report them as lost
+_WARMING: list = []  # refs of the warm-up tasks connect_ray started, until wait_for_warm_workers
 
 
 def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
@@ -156,8 +156,8 @@ def connect_ray(address: str | None = None, workers: int | None = None, cpus_per
     res = ray.cluster_resources()
     log.info("Ray cluster: %s CPU, %s GPU, %.1f GiB memory", res.get("CPU", 0), res.get("GPU", 0),
              res.get("memory", 0) / 2**30)
-    # one warm-up per task slot, not awaited: workers start, import and load the kernel cache
-    # while this driver reads the zoo, the sources and MLflow (shard_task.warm_worker)
+    # one warm-up per task slot, awaited only before the first model (wait_for_warm_workers):
+    # workers start, import and load the kernel cache meanwhile (shard_task.warm_worker)
     try:
         slots, _, _ = _cluster_slots(workers, cpus_per_task)
     except WorkflowError:  # no node fits a task: the model run says so
@@ -166,7 +166,7 @@ def connect_ray(address: str | None = None, workers: int | None = None, cpus_per
     _WARMING.extend(warm.remote() for _ in range(min(slots, _MAX_WARM_TASKS)))
 
 
-def wait_for_warm_workers(timeout: float = 300.0) -> None:
+def wait_for_warm_workers(timeout: float = 180.0) -> None:
     """Wait for the warm-up tasks :func:`connect_ray` started (worker start, imports,
     kernel cache): a per-job cost, logged as such rather than added to the first
     model's time. A failed or slow warm-up is only logged: the shard tasks import and

@@ -51,10 +51,10 @@ def _limit_threads(cpus: int) -> None:
 
 def warm_worker() -> dict:
     """Import what a shard task imports and load (or compile) the Numba kernels. The
-    driver runs one per task slot right after connecting, not waiting for them: a
-    worker process then starts, imports torch and the codec and loads the kernel
-    cache while the driver reads zoo, sources and MLflow, and the shard tasks that
-    follow reuse that process."""
+    driver starts one per task slot as soon as it connects, so that worker processes
+    start, import torch and the codec and load the kernel cache while it sets up
+    MLflow and the zoo, and waits for them before the first model (a per-job cost,
+    logged as such); the shard tasks then reuse those processes."""
     t0 = time.perf_counter()
     from compressor import checkpoint, sources  # noqa: F401
 
@@ -129,7 +129,8 @@ def run_shard(job: dict) -> dict:
         "pid": os.getpid(),
         "node": socket.gethostname(),
         "backend": backend.backend.value,
-        # 0 once the machine's kernel cache is warm (numba_kernels/cache.py): this worker compiled nothing
+        # kernels this worker process compiled so far (its warm-up included): 0 once the
+        # machine's kernel cache is warm (numba_kernels/cache.py)
         "kernels_compiled": _kernels_compiled(),
     })
     result = {
