@@ -195,6 +195,9 @@ def main(argv=None):
         import numba
 
         numba.set_num_threads(args.threads)
+        from numba_kernels import threads
+
+        threads.set_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":

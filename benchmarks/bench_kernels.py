@@ -88,6 +88,7 @@ def main() -> None:
     import numba
 
     t0 = time.perf_counter()
+    from numba_kernels import threads
     from numba_kernels import cpu  # explicit signatures: compiled (or loaded from cache) here
 
     t_import = time.perf_counter() - t0
@@ -99,7 +100,7 @@ def main() -> None:
     tensors = load_minilm()
     jobs = prepare(tensors)
     total_pts = sum(p.n for _, p, _ in jobs)
-    print(f"host {platform.node()} | {os.cpu_count()} CPUs | numba threads {numba.get_num_threads()} | "
+    print(f"host {platform.node()} | {os.cpu_count()} CPUs | codec threads {threads.get_threads()} | "
           f"numba {numba.__version__} | numpy {np.__version__}")
     print(f"all-MiniLM-L6-v2: {len(jobs)} tensors, {total_pts / 1e6:.2f}M points; U={args.U}, K=1..{args.kmax}")
     print(f"numba_kernels.cpu import (compile or cache load): {t_import:.2f} s; first call: {t_first * 1e3:.1f} ms")

@@ -1,4 +1,4 @@
-"""The ``birkhoff`` command: compress, decompress, inspect (and eval, when installed)."""
+"""The ``birkhoff`` command: compress, decompress, inspect, warmup (and eval, when installed)."""
 
 from __future__ import annotations
 
@@ -216,6 +216,30 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _add_warmup(sub) -> None:
+    p = sub.add_parser("warmup", help="compile every Numba kernel into the per-machine cache (image build, node start)")
+    p.add_argument("--cuda", choices=["auto", "yes", "no"], default="auto",
+                   help="also the CUDA codec kernels: when a GPU is usable (auto), required (yes), or not (no)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=_cmd_warmup)
+
+
+def _cmd_warmup(args) -> int:
+    from numba_kernels.warmup import warm_up
+
+    try:
+        res = warm_up(cuda={"auto": None, "yes": True, "no": False}[args.cuda])
+    except RuntimeError as exc:  # --cuda yes without a usable GPU
+        print(f"birkhoff warmup: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['signatures']} kernel signatures ready in {res['seconds']:.1f} s: {res['compiled']} compiled, "
+              f"{res['loaded_from_cache']} loaded from {res['cache_dir']} (CUDA: {res['cuda']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="birkhoff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -223,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_decompress(sub)
     _add_inspect(sub)
+    _add_warmup(sub)
     try:  # evaluation lives in eval_jobs (it needs Ray and MLflow); optional here
         from eval_jobs.cli import register
     except ImportError as exc:

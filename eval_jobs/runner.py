@@ -377,13 +377,9 @@ def run_eval(models: Sequence[ModelUnderTest], cfg: EvalConfig = EvalConfig(), *
     if len(set(names)) != len(names):
         raise DatasetSpecError(f"model names must be unique, got {names}")
     if executor == "ray":
-        import ray
+        from .ray_cluster import init_ray
 
-        if not ray.is_initialized():
-            if ray_address:
-                ray.init(address=ray_address, logging_level=logging.WARNING)
-            else:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        init_ray(ray_address, logging_level=logging.WARNING)  # private loopback Ray unless an address is given
         n_shards = cfg.shards or ray_cpus()
     else:
         n_shards = cfg.shards or 1

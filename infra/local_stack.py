@@ -64,7 +64,9 @@ def start(base: Path) -> int:
     print(f"SeaweedFS S3  {sw.endpoint}  (pid {sw.pid})")
     print(f"MLflow        {ml.uri}  (pid {ml.pid}, artifacts in s3://mlflow/artifacts)")
     print(f"\nset -a; . {cred_f}; set +a")
-    print("ray start --head --node-ip-address=127.0.0.1   # from a shell with the variables above")
+    # loopback only: see eval_jobs/ray_cluster.py for why the variable is needed
+    print("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1 "
+          "--dashboard-host=127.0.0.1   # from a shell with the variables above")
     print("ray job submit --address http://127.0.0.1:8265 --runtime-env infra/runtime_env.yaml --working-dir . -- \\")
     print(f"  python workflows/compress_all.py --store s3://birkhoff/zoo --tracking-uri {ml.uri}")
     return 0

@@ -22,4 +22,7 @@ def import_cuda() -> ModuleType:
         np.row_stack = np.vstack
     from numba import cuda
 
+    from .cache import install_cuda
+
+    install_cuda()  # CUDA kernels cache beside the CPU ones (numba_kernels/cache.py)
     return cuda

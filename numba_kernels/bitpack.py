@@ -1,8 +1,8 @@
 """Bit-stream packing of one group of 8 indices, shared by the CPU and CUDA kernels.
 
 Eight values of ``bits`` bits fill exactly ``bits`` bytes, so groups are
-independent and each kernel (a ``prange`` on the CPU, a grid-stride loop on the
-GPU) handles whole groups. These are plain Python functions: ``cpu.py`` compiles
+independent and each kernel (chunks of groups claimed by the CPU threads, a
+grid-stride loop on the GPU) handles whole groups. These are plain Python functions: ``cpu.py`` compiles
 them with ``njit`` and ``cuda.py`` as device functions, so both backends run the
 same code. Layout: value ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``,
 least significant bit first (see :mod:`compressor.quant_primitives`).

@@ -15,6 +15,14 @@ result is bit-identical to the reference:
 
 The nearest lattice point is found exactly for any ``U`` (square or not): see
 :func:`_nearest_one`.
+
+Threads: no ``prange``. Each kernel is serial and GIL-free and claims chunks of
+points from a shared counter; :func:`numba_kernels.threads.run_chunks` runs it on
+:func:`numba_kernels.threads.get_threads` threads. A static ``prange`` split
+waited for its slowest thread on shared cores (issue 10); this schedule lets the
+threads that run take the work of one that does not. Every point (every group of
+8 for the bit packing, every chunk's maximum for the geometry) is computed alone,
+so the results are the same bits for any thread count and any schedule.
 """
 
 from __future__ import annotations
@@ -22,16 +30,25 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from compressor import quant_primitives as qp
 
 from . import bitpack
 from .host import check_U as _check_U, check_points, f64 as _f64, n_real_y, pack_args, trial_tables, unpack_args
+from .threads import claim, run_chunks
 
-# Points per parallel work item: large enough to amortize scheduling, small
-# enough to balance 2..64 threads on tensors of a few hundred thousand points.
+# Points per work item: large enough that claiming one costs nothing (an atomic
+# add per ~0.1-0.5 ms of work), small enough that the thread still holding the last
+# chunk when the others run out (on a core another process shares, say) delays
+# the call by one chunk's time, not by a thread's share of the tensor.
 _CHUNK = 4096
+# bit-packing work items, in groups of 8 values
+_GROUP_CHUNK = 4096
+
+
+def _chunks(n: int, size: int = _CHUNK) -> int:
+    return (n + size - 1) // size
 
 
 @njit("Tuple((float64, int64))(float64, float64, float64, int64, int64, int64, float64, float64[::1], float64, int64)",
@@ -105,23 +122,26 @@ def _nearest_one(x, y, ox, oy, kl, invk, k, U, tx, ty):
 
 
 @njit("void(float64[::1], float64[::1], float64, float64, float64, int64, int64, "
-      "float64[::1], float64[::1], int64[::1])", parallel=True, cache=True)
-def _nearest_kernel(qx, qy, cx, cy, box_size, k, U, tx, ty, out):
+      "float64[::1], float64[::1], int64[::1], int64[::1])", cache=True, nogil=True)
+def _nearest_kernel(qx, qy, cx, cy, box_size, k, U, tx, ty, out, next_chunk):
     half = box_size * 0.5
     ox = cx - half
     oy = cy - half
     kl = k / box_size
     invk = 1.0 / k
     n = qx.shape[0]
-    for c in prange((n + _CHUNK - 1) // _CHUNK):
+    while True:
+        c = claim(next_chunk)
+        if c * _CHUNK >= n:
+            break
         for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
             out[i] = _nearest_one(qx[i], qy[i], ox, oy, kl, invk, k, U, tx, ty)
 
 
 @njit("void(float64[::1], float64[::1], float64, float64, float64, int64, int64, float64[::1], "
-      "float64[::1], float64[::1], float64[::1], int64, uint32[::1], float64[::1], float64[::1])",
-      parallel=True, cache=True)
-def _encode_kernel(px, py, cx, cy, half, k, U, rho, scale, lut_x, lut_y, pad_cols, theta, ax, ay):
+      "float64[::1], float64[::1], float64[::1], int64, uint32[::1], float64[::1], float64[::1], int64[::1])",
+      cache=True, nogil=True)
+def _encode_kernel(px, py, cx, cy, half, k, U, rho, scale, lut_x, lut_y, pad_cols, theta, ax, ay, next_chunk):
     """Classify, scale, nearest point, decode and absolute errors in one pass."""
     n = px.shape[0]
     K = rho.shape[0] - 1
@@ -129,7 +149,10 @@ def _encode_kernel(px, py, cx, cy, half, k, U, rho, scale, lut_x, lut_y, pad_col
     oy = cy - half
     kl = k / (half + half)
     invk = 1.0 / k
-    for c in prange((n + _CHUNK - 1) // _CHUNK):
+    while True:
+        c = claim(next_chunk)
+        if c * _CHUNK >= n:
+            break
         for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
             x = px[i]
             y = py[i]
@@ -158,24 +181,34 @@ def _encode_kernel(px, py, cx, cy, half, k, U, rho, scale, lut_x, lut_y, pad_col
                 ay[i] = ey
 
 
-@njit(["void(uint16[::1], float64[::1], float64[::1], float64[::1], float64[::1])",
-       "void(uint32[::1], float64[::1], float64[::1], float64[::1], float64[::1])",
-       "void(int64[::1], float64[::1], float64[::1], float64[::1], float64[::1])"],
-      parallel=True, cache=True)
-def _decode_kernel(theta, lut_x, lut_y, x, y):
-    for i in prange(theta.shape[0]):
-        t = theta[i]
-        x[i] = lut_x[t]
-        y[i] = lut_y[t]
+@njit(["void(uint16[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64[::1])",
+       "void(uint32[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64[::1])",
+       "void(int64[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64[::1])"],
+      cache=True, nogil=True)
+def _decode_kernel(theta, lut_x, lut_y, x, y, next_chunk):
+    n = theta.shape[0]
+    while True:
+        c = claim(next_chunk)
+        if c * _CHUNK >= n:
+            break
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            t = theta[i]
+            x[i] = lut_x[t]
+            y[i] = lut_y[t]
 
 
-@njit(["void(uint16[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64, float64[::1], float64[::1])",
-       "void(uint32[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64, float64[::1], float64[::1])"],
-      parallel=True, cache=True)
-def _error_kernel(theta, lut_x, lut_y, px, py, pad_cols, ax, ay):
+@njit(["void(uint16[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64, float64[::1], float64[::1], "
+       "int64[::1])",
+       "void(uint32[::1], float64[::1], float64[::1], float64[::1], float64[::1], int64, float64[::1], float64[::1], "
+       "int64[::1])"],
+      cache=True, nogil=True)
+def _error_kernel(theta, lut_x, lut_y, px, py, pad_cols, ax, ay, next_chunk):
     # same per-point errors, in the same arrays, as _encode_kernel: the NumPy sums agree
     n = theta.shape[0]
-    for c in prange((n + _CHUNK - 1) // _CHUNK):
+    while True:
+        c = claim(next_chunk)
+        if c * _CHUNK >= n:
+            break
         for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
             t = theta[i]
             ax[i] = abs(px[i] - lut_x[t])
@@ -191,19 +224,29 @@ _pack_group = njit(cache=True)(bitpack.pack_group)
 _unpack_group = njit(cache=True)(bitpack.unpack_group)
 
 
-@njit(["void(uint16[::1], int64, uint8[::1])", "void(uint32[::1], int64, uint8[::1])"],
-      parallel=True, cache=True)
-def _pack_kernel(theta, bits, out):
+@njit(["void(uint16[::1], int64, uint8[::1], int64[::1])", "void(uint32[::1], int64, uint8[::1], int64[::1])"],
+      cache=True, nogil=True)
+def _pack_kernel(theta, bits, out, next_chunk):
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
-    for g in prange((theta.shape[0] + 7) // 8):
-        _pack_group(theta, bits, mask, g, out)
+    groups = (theta.shape[0] + 7) // 8
+    while True:
+        c = claim(next_chunk)
+        if c * _GROUP_CHUNK >= groups:
+            break
+        for g in range(c * _GROUP_CHUNK, min(groups, (c + 1) * _GROUP_CHUNK)):
+            _pack_group(theta, bits, mask, g, out)
 
 
-@njit("void(uint8[::1], int64, int64, uint32[::1])", parallel=True, cache=True)
-def _unpack_kernel(buf, n, bits, out):
+@njit("void(uint8[::1], int64, int64, uint32[::1], int64[::1])", cache=True, nogil=True)
+def _unpack_kernel(buf, n, bits, out, next_chunk):
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
-    for g in prange((n + 7) // 8):
-        _unpack_group(buf, n, bits, mask, g, out)
+    groups = (n + 7) // 8
+    while True:
+        c = claim(next_chunk)
+        if c * _GROUP_CHUNK >= groups:
+            break
+        for g in range(c * _GROUP_CHUNK, min(groups, (c + 1) * _GROUP_CHUNK)):
+            _unpack_group(buf, n, bits, mask, g, out)
 
 
 # -- host wrappers (the backend API) --------------------------------------------
@@ -218,7 +261,8 @@ def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
     k = qp.lattice_side(U)
     tx, ty = qp.lattice_points(U, float(box_size), float(cx), float(cy))
     out = np.empty(qx.shape[0], dtype=np.int64)
-    _nearest_kernel(qx, qy, float(cx), float(cy), float(box_size), k, U, tx, np.ascontiguousarray(ty[:k]), out)
+    run_chunks(_nearest_kernel, _chunks(qx.shape[0]), qx, qy, float(cx), float(cy), float(box_size), k, U, tx,
+               np.ascontiguousarray(ty[:k]), out)
     return out
 
 
@@ -231,8 +275,8 @@ def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray
     theta = np.empty(n, dtype=np.uint32)
     ax = np.empty(n, dtype=np.float64)
     ay = np.empty(n_real_y(n, pad_cols), dtype=np.float64)
-    _encode_kernel(px, py, float(cx), float(cy), float(box_size) * 0.5, k, U, rho, scale,
-                   lut_x, lut_y, pad_cols, theta, ax, ay)
+    run_chunks(_encode_kernel, _chunks(n), px, py, float(cx), float(cy), float(box_size) * 0.5, k, U, rho, scale,
+               lut_x, lut_y, pad_cols, theta, ax, ay)
     # NumPy's (pairwise) sums over the same arrays as the reference's abs_error_sum
     return theta, float(ax.sum() + ay.sum())
 
@@ -253,16 +297,19 @@ def decode_points(theta, lut_x, lut_y) -> tuple[np.ndarray, np.ndarray]:
             raise IndexError(f"index {hi if hi >= lut_x.shape[0] else lo} outside a decode table of {lut_x.shape[0]}")
     x = np.empty(theta.shape[0], dtype=np.float64)
     y = np.empty(theta.shape[0], dtype=np.float64)
-    _decode_kernel(theta, lut_x, lut_y, x, y)
+    run_chunks(_decode_kernel, _chunks(theta.shape[0]), theta, lut_x, lut_y, x, y)
     return x, y
 
 
-@njit("void(float64[::1], float64[::1], float64, float64, float64, float64[::1], boolean[::1])",
-      parallel=True, cache=True)
-def _geometry_kernel(px, py, cx, cy, half, rmax, outside):
+@njit("void(float64[::1], float64[::1], float64, float64, float64, float64[::1], boolean[::1], int64[::1])",
+      cache=True, nogil=True)
+def _geometry_kernel(px, py, cx, cy, half, rmax, outside, next_chunk):
     n = px.shape[0]
     nchunks = rmax.shape[0]
-    for c in prange(nchunks):
+    while True:
+        c = claim(next_chunk)
+        if c >= nchunks:
+            break
         m = 0.0
         out = False
         for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
@@ -282,10 +329,10 @@ def radius_and_inner(px, py, cx, cy, box_size) -> tuple[float, bool]:
     (a maximum and a logical and do not depend on order, so the values are exact)."""
     px = _f64(px)
     py = _f64(py)
-    nchunks = max(1, (px.shape[0] + _CHUNK - 1) // _CHUNK)
+    nchunks = max(1, _chunks(px.shape[0]))
     rmax = np.zeros(nchunks, dtype=np.float64)
     outside = np.zeros(nchunks, dtype=np.bool_)
-    _geometry_kernel(px, py, float(cx), float(cy), float(box_size) * 0.5, rmax, outside)
+    run_chunks(_geometry_kernel, nchunks, px, py, float(cx), float(cy), float(box_size) * 0.5, rmax, outside)
     return float(rmax.max()), not bool(outside.any())
 
 
@@ -307,7 +354,7 @@ def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
     pad_cols = int(pad_cols)
     ax = np.empty(n, dtype=np.float64)
     ay = np.empty(n_real_y(n, pad_cols), dtype=np.float64)
-    _error_kernel(theta, lut_x, lut_y, px, py, pad_cols, ax, ay)
+    run_chunks(_error_kernel, _chunks(n), theta, lut_x, lut_y, px, py, pad_cols, ax, ay)
     return float(ax.sum() + ay.sum())
 
 
@@ -315,7 +362,7 @@ def pack_bits(theta, bits) -> np.ndarray:
     """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
     theta, bits = pack_args(theta, bits)
     out = np.empty(qp.packed_nbytes(theta.shape[0], bits), dtype=np.uint8)
-    _pack_kernel(theta, bits, out)
+    run_chunks(_pack_kernel, _chunks((theta.shape[0] + 7) // 8, _GROUP_CHUNK), theta, bits, out)
     return out
 
 
@@ -323,5 +370,5 @@ def unpack_bits(buf, n, bits) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``n`` values as uint32."""
     buf, n, bits, need = unpack_args(buf, n, bits)
     out = np.empty(n, dtype=np.uint32)
-    _unpack_kernel(buf, n, bits, out)
+    run_chunks(_unpack_kernel, _chunks((n + 7) // 8, _GROUP_CHUNK), buf, n, bits, out)
     return out

@@ -73,7 +73,17 @@ def fused_rows(x, theta, lut_xy, bias, out, r0, r1):
 
     ``x``: float32 ``[T, in]``; ``bias``: float32 ``[out]`` or empty (no bias);
     ``out``: float32 ``[T, out]``, only columns ``r0:r1`` written. fp32
-    accumulation; ``fastmath`` only reassociates the sums (vectorized)."""
+    accumulation; ``fastmath`` lets LLVM reassociate the sums to vectorize them.
+
+    Same bits for any row split (so for any thread count): every row, wherever it
+    falls in ``r0:r1``, goes through the one four-row loop below. A last block of
+    fewer rows repeats its last row in the unused slots and stores only its own
+    rows. (An earlier version summed such rows in a separate one-row loop; LLVM
+    vectorized the two loops' reductions with different widths and interleaving
+    on AVX2 targets, so a row's last bit depended on its place in the split.) The
+    order LLVM picks still depends on the target's vector width, so two CPUs may
+    differ in the last bits; one machine never does, whatever the split.
+    """
     n_tok = x.shape[0]
     n_in = x.shape[1]
     pairs = theta.shape[1]
@@ -81,52 +91,38 @@ def fused_rows(x, theta, lut_xy, bias, out, r0, r1):
     has_bias = bias.shape[0] > 0
     w64 = np.empty(ROW_BLOCK * pairs, dtype=np.int64)
     wf = w64.view(np.float32)  # row r: wf[r*stride : r*stride + n_in] (an odd in ignores the pad)
+    w0 = wf[0:n_in]
+    w1 = wf[stride:stride + n_in]
+    w2 = wf[2 * stride:2 * stride + n_in]
+    w3 = wf[3 * stride:3 * stride + n_in]
     i = r0
     while i < r1:
         nb = min(ROW_BLOCK, r1 - i)
-        for r in range(nb):
-            t_row = theta[i + r]
+        for r in range(ROW_BLOCK):
+            t_row = theta[i + min(r, nb - 1)]  # a short last block repeats its last row
             base = r * pairs
             for j in range(pairs):
                 w64[base + j] = lut_xy[np.int64(t_row[j])]
-        if nb == ROW_BLOCK:
-            w0 = wf[0:n_in]
-            w1 = wf[stride:stride + n_in]
-            w2 = wf[2 * stride:2 * stride + n_in]
-            w3 = wf[3 * stride:3 * stride + n_in]
-            for tok in range(n_tok):
-                xr = x[tok]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                for c in range(n_in):
-                    xv = xr[c]
-                    a0 += xv * w0[c]
-                    a1 += xv * w1[c]
-                    a2 += xv * w2[c]
-                    a3 += xv * w3[c]
-                if has_bias:
-                    a0 += bias[i]
-                    a1 += bias[i + 1]
-                    a2 += bias[i + 2]
-                    a3 += bias[i + 3]
-                o = out[tok]
-                o[i] = a0
-                o[i + 1] = a1
-                o[i + 2] = a2
-                o[i + 3] = a3
-        else:
-            for r in range(nb):
-                wr = wf[r * stride:r * stride + n_in]
-                for tok in range(n_tok):
-                    xr = x[tok]
-                    acc = np.float32(0.0)
-                    for c in range(n_in):
-                        acc += xr[c] * wr[c]
-                    if has_bias:
-                        acc += bias[i + r]
-                    out[tok, i + r] = acc
+        for tok in range(n_tok):
+            xr = x[tok]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for c in range(n_in):
+                xv = xr[c]
+                a0 += xv * w0[c]
+                a1 += xv * w1[c]
+                a2 += xv * w2[c]
+                a3 += xv * w3[c]
+            o = out[tok]
+            o[i] = a0 + bias[i] if has_bias else a0
+            if nb > 1:
+                o[i + 1] = a1 + bias[i + 1] if has_bias else a1
+            if nb > 2:
+                o[i + 2] = a2 + bias[i + 2] if has_bias else a2
+            if nb > 3:
+                o[i + 3] = a3 + bias[i + 3] if has_bias else a3
         i += nb
 
 

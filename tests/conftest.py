@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # workflows/ and eval_jobs/ run from the checkout
     sys.path.insert(0, str(ROOT))
+
+# Every Ray the tests start or join stays on 127.0.0.1: without this Ray replaces a
+# loopback node IP or address with the host's outward one and binds it
+# (eval_jobs/ray_cluster.py). Set before any test module imports ray, which reads it then.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint-url", default=None,
                    help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket when it does not exist")
-    p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster; must answer within 60 s (default: RAY_ADDRESS, else a private local Ray on "
+                        "127.0.0.1, whatever other Ray clusters on the machine recorded)")
     p.add_argument("--cache-dir", default=None, help="node-local cache for downloaded and demo sources")
     p.add_argument("--eval", dest="eval_mode", choices=["new", "all", "none"], default="new",
                    help="evaluate models on their zoo datasets after compression: the newly compressed ones "
@@ -172,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # the store folder cannot be created (permissions, a file on the way)
         log.error("store %s unusable: %s", args.store or runs / "store", exc.strerror or exc)
+        return 2
+
+    # Ray first: an explicit cluster that does not answer fails here, in one line, before any
+    # MLflow run is opened; no address at all means a private local Ray on 127.0.0.1
+    from eval_jobs.ray_cluster import RayUnavailableError
+    from workflows.driver import connect_ray
+
+    try:
+        connect_ray(args.ray_address, args.workers, args.cpus_per_task)
+    except RayUnavailableError as exc:
+        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
         return 2
 
     tracking_uri = args.tracking_uri

@@ -39,7 +39,7 @@ from .errors import NotCommittedError, StoreError, TransientStoreError, Workflow
 from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
 from .sharding import Shard, plan_shards, shard_count, shards_from_manifest
-from .shard_task import WORK_DIR, run_shard, work_key
+from .shard_task import WORK_DIR, run_shard, warm_worker, work_key
 from .store import STALE_SECONDS, Store
 from .zoo import ModelSpec, Zoo, resolve_source
 
@@ -172,19 +172,60 @@ def committed_checkpoints(store: Store) -> list[str]:
 
 # -- Ray plumbing ---------------------------------------------------------------------
 
-def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
-    import ray
+_MAX_WARM_TASKS = 64
+_WARMING: list = []  # refs of the warm-up tasks connect_ray started, until wait_for_warm_workers
 
-    if ray.is_initialized():
+
+def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
+    """The cluster at ``address`` / ``RAY_ADDRESS`` (which must answer within 60 s, else
+    :class:`eval_jobs.ray_cluster.RayUnavailableError`), or, with neither, a private local
+    Ray on 127.0.0.1 whatever other Ray clusters on the machine did (see eval_jobs/ray_cluster.py).
+    Once connected, later calls do nothing."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=workers * cpus_per_task if workers else None, include_dashboard=False,
-                 log_to_driver=True)
+    from eval_jobs.ray_cluster import init_ray
+
+    init_ray(address, num_cpus=workers * cpus_per_task if workers else None, log_to_driver=True)
+    import ray  # after init_ray: it sets the loopback environment before ray is first imported
+
     res = ray.cluster_resources()
     log.info("Ray cluster: %s CPU, %s GPU, %.1f GiB memory", res.get("CPU", 0), res.get("GPU", 0),
              res.get("memory", 0) / 2**30)
+    # one warm-up per task slot, awaited only before the first model (wait_for_warm_workers):
+    # workers start, import and load the kernel cache meanwhile (shard_task.warm_worker)
+    try:
+        slots, _, _ = _cluster_slots(workers, cpus_per_task)
+    except WorkflowError:  # no node fits a task: the model run says so
+        return
+    warm = ray.remote(warm_worker).options(name="warm_worker", num_cpus=cpus_per_task, max_retries=0)
+    _WARMING.extend(warm.remote() for _ in range(min(slots, _MAX_WARM_TASKS)))
+
+
+def wait_for_warm_workers(timeout: float = 180.0) -> None:
+    """Wait for the warm-up tasks :func:`connect_ray` started (worker start, imports,
+    kernel cache): a per-job cost, logged as such rather than added to the first
+    model's time. A failed or slow warm-up is only logged: the shard tasks import and
+    compile for themselves then."""
+    import ray
+
+    if not _WARMING:
+        return
+    refs = list(_WARMING)
+    _WARMING.clear()
+    t0 = time.perf_counter()
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    infos = []
+    for ref in done:
+        try:
+            infos.append(ray.get(ref))
+        except Exception as exc:  # the shard tasks will meet the same problem and report it
+            log.warning("worker warm-up failed: %s: %s", type(_cause(exc)).__name__, redact(_cause(exc)))
+    compiled = sum(i.get("compiled", 0) for i in infos)
+    log.info("%d worker(s) ready in %.1f s (kernel signatures: %d compiled, %d loaded from the cache)%s",
+             len(infos), time.perf_counter() - t0, compiled, sum(i.get("loaded_from_cache", 0) for i in infos),
+             f"; {len(pending)} still warming up" if pending else "")
 
 
 def _cluster_slots(workers: int | None, cpus_per_task: int = 1) -> tuple[int, bool, float]:
@@ -518,6 +559,7 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
                                                                git_commit=opts.git_commit,
                                                                codec_version=CODEC_VERSION))
     connect_ray(ray_address, opts.workers, opts.cpus_per_task)
+    wait_for_warm_workers()
     from .redaction import protect_handlers
 
     protect_handlers()  # Ray adds logging handlers of its own at init

@@ -44,9 +44,42 @@ def _limit_threads(cpus: int) -> None:
     try:
         import numba
 
+        from numba_kernels import threads
+
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        threads.set_threads(n)  # the codec kernels' own pool (numba_kernels/threads.py)
     except ImportError:  # the reference backend needs no numba
         pass
+
+
+def warm_worker() -> dict:
+    """Import what a shard task imports and load (or compile) the Numba kernels. The
+    driver starts one per task slot as soon as it connects, so that worker processes
+    start, import torch and the codec and load the kernel cache while it sets up
+    MLflow and the zoo, and waits for them before the first model (a per-job cost,
+    logged as such); the shard tasks then reuse those processes."""
+    t0 = time.perf_counter()
+    from compressor import checkpoint, sources  # noqa: F401
+
+    from . import store, zoo  # noqa: F401
+    import torch
+
+    res: dict = {}
+    try:
+        from numba_kernels.warmup import warm_up
+    except ImportError:  # the reference backend needs no numba
+        pass
+    else:
+        res = warm_up(cuda=None if torch.cuda.is_available() else False)
+    return dict(res, pid=os.getpid(), node=socket.gethostname(), seconds=time.perf_counter() - t0)
+
+
+def _kernels_compiled() -> int:
+    try:
+        from numba_kernels.warmup import compile_counts
+    except ImportError:  # the reference backend needs no numba
+        return 0
+    return compile_counts()["compiled"]
 
 
 def run_shard(job: dict) -> dict:
@@ -107,6 +140,9 @@ def run_shard(job: dict) -> dict:
         "pid": os.getpid(),
         "node": socket.gethostname(),
         "backend": backend.backend.value,
+        # kernels this worker process compiled so far (its warm-up included): 0 once the
+        # machine's kernel cache is warm (numba_kernels/cache.py)
+        "kernels_compiled": _kernels_compiled(),
     })
     result = {
         "model": model,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from compressor import quant_primitives as qp
-from numba_kernels import cpu
+from numba_kernels import cpu, threads
 
 _spec = importlib.util.spec_from_file_location("kernel_cases", Path(__file__).with_name("kernel_cases.py"))
 cases = importlib.util.module_from_spec(_spec)
@@ -111,22 +111,75 @@ def test_encode_trial_k0_with_outer_points_is_exact(U):
     assert err == np.abs(pts.px - tx[want]).sum() + np.abs(pts.py - ty[want]).sum()
 
 
-def test_encode_trial_is_independent_of_thread_count():
+@pytest.fixture
+def codec_threads():
+    """Sets numba_kernels.threads' count for one test, restoring it after."""
+    before = threads._threads
+    yield threads.set_threads
+    threads._threads = before
+
+
+def test_every_kernel_is_independent_of_thread_count(codec_threads):
+    """1, 2 and 3 threads (more than this machine may have cores: the schedule then
+    really interleaves) give the same bits, and the reference's."""
     rng = np.random.default_rng(11)
     pts = cases.point_set("rows-odd", 30000, rng)
     geo = qp.point_geometry(pts.px, pts.py, cases.BOX)
     rho = qp.class_radii(geo.R, cases.BOX, 3)
-    before = numba.get_num_threads()
+    want_theta, want_err = qp.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 2500, rho, pts.pad_cols)
+    lx, ly = qp.decode_lut(2500, 3, cases.BOX, geo.cx, geo.cy, rho)
     results = []
-    try:
-        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
-            results.append(cpu.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 2500, rho, pts.pad_cols))
-    finally:
-        numba.set_num_threads(before)
-    for theta, err in results[1:]:
-        np.testing.assert_array_equal(theta, results[0][0])
-        assert err == results[0][1]
+    for n in (1, 2, 3):
+        codec_threads(n)
+        theta, err = cpu.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 2500, rho, pts.pad_cols)
+        x, y = cpu.decode_points(theta, lx, ly)
+        packed = cpu.pack_bits(theta, 14)
+        results.append((theta, err, x, y, packed, cpu.unpack_bits(packed, theta.size, 14),
+                        cpu.error_sum(theta, lx, ly, pts.px, pts.py, pts.pad_cols),
+                        cpu.radius_and_inner(pts.px, pts.py, geo.cx, geo.cy, cases.BOX),
+                        cpu.nearest(pts.px, pts.py, 2500, cases.BOX, geo.cx, geo.cy)))
+    np.testing.assert_array_equal(results[0][0], want_theta)
+    assert results[0][1] == want_err
+    for r in results[1:]:
+        for got, first in zip(r, results[0]):
+            if isinstance(got, np.ndarray):
+                np.testing.assert_array_equal(got, first)
+            else:
+                assert got == first
+
+
+def test_run_chunks_takes_every_chunk_once_on_any_thread_count(codec_threads):
+    """The dynamic schedule: each chunk claimed exactly once, whoever claims it."""
+
+    @numba.njit("void(int64, int64[::1], int64[::1])", nogil=True)
+    def count(n_chunks, hits, next_chunk):
+        while True:
+            c = threads.claim(next_chunk)
+            if c >= n_chunks:
+                break
+            hits[c] += 1
+
+    for n in (1, 2, 3, 8):
+        codec_threads(n)
+        for n_chunks in (0, 1, 5, 1000):
+            hits = np.zeros(max(n_chunks, 1), dtype=np.int64)
+            threads.run_chunks(count, n_chunks, n_chunks, hits)
+            assert (hits[:n_chunks] == 1).all() and hits[n_chunks:].sum() == 0
+
+
+def test_run_chunks_reraises_a_kernel_error(codec_threads):
+    codec_threads(3)
+    calls = []
+
+    def boom(next_chunk):
+        calls.append(1)
+        raise IndexError("chunk failed")
+
+    with pytest.raises(IndexError, match="chunk failed"):
+        threads.run_chunks(boom, 10)
+    assert len(calls) == 3  # the caller and both pool threads ran, and were all waited for
+    with pytest.raises(ValueError, match=">= 1"):
+        threads.set_threads(0)
 
 
 def test_encode_trial_rejects_bad_input():
@@ -186,7 +239,7 @@ def test_pack_unpack_reject_bad_arguments():
 @pytest.mark.parametrize("pad_cols", [0, 7, 1001])
 def test_error_sum_matches_reference(pad_cols):
     from compressor import quant_primitives as qp
-    from numba_kernels import cpu
+    from numba_kernels import cpu, threads
 
     rng = np.random.default_rng(pad_cols)
     n = 1001
@@ -205,7 +258,7 @@ def test_error_sum_matches_reference(pad_cols):
 @pytest.mark.parametrize("scale", [0.001, 0.02, 1.0])
 def test_radius_and_inner_matches_reference(scale):
     from compressor import quant_primitives as qp
-    from numba_kernels import cpu
+    from numba_kernels import cpu, threads
 
     rng = np.random.default_rng(7)
     px, py = rng.normal(0, scale, 50001), rng.normal(0, scale, 50001)

@@ -89,13 +89,15 @@ class RayHead:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory, s3_creds, cache_dir):
     ports = free_ports(10)
-    # Ray's unix sockets live under its temp dir and their paths may not exceed 107
-    # bytes: pytest's numbered base dir can be too deep for that, so use a short one
-    temp = Path(tempfile.mkdtemp(prefix="ray-", dir=tempfile.gettempdir()))
+    # not under pytest's basetemp: Ray's unix sockets (<temp>/session_<date>_<pid>/sockets/dash_MetricsHead)
+    # must stay under 108 bytes, which a TMPDIR of a dozen characters plus pytest-of-<user>/pytest-<n>/ray0 exceeds
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir=os.environ.get("TMPDIR") or "/tmp"))
     env = dict(os.environ, **s3_creds)
     # small store retry budget: the outage test should fail fast, then resume
     env.update(BIRKHOFF_STORE_ATTEMPTS="2", BIRKHOFF_STORE_BASE_DELAY="0.2", BIRKHOFF_CACHE=str(cache_dir),
                RAY_USAGE_STATS_ENABLED="0",
+               # node IP 127.0.0.1 really bound and advertised (eval_jobs/ray_cluster.py)
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                # bound to 127.0.0.1 and private to this test session: no token, so that
                # the state API and `ray job submit` need no shared ~/.ray/auth_token
                RAY_AUTH_MODE="disabled")
