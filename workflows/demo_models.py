@@ -4,6 +4,13 @@ Used by ``infra/zoo/demo.yaml`` (``demo:NAME`` sources) so that the demo zoo,
 the tests and the benchmark run with no network. Weights are a seeded random
 init (the same bytes on every machine with the same torch), saved with
 ``save_pretrained`` as safetensors next to their ``config.json``.
+
+The small SAM builders draw the vision encoder with std 0.02, like trained ViT
+weights. transformers' SAM default (``initializer_range=1e-10``) makes those
+weights numerically zero: a codec can only keep them raw (the relative error
+limit does), and "compressing" them gives lattice noise millions of times their
+size. ``sam-vit-b`` keeps the transformers defaults: it is the paper anchor's
+exact checkpoint (HYPERCOMPRESSION.md section 8).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 SEED = 0
-BUILD_VERSION = 2  # bump when a builder changes: cached builds are keyed by it
+BUILD_VERSION = 3  # bump when a builder changes: cached builds are keyed by it
 
 
 def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, decoder_hidden: int):
@@ -26,7 +33,7 @@ def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, d
 
     vc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_dim=4 * hidden,
               image_size=image, patch_size=16, output_channels=out_ch,
-              global_attn_indexes=[layers - 1], window_size=4,
+              global_attn_indexes=[layers - 1], window_size=4, initializer_range=0.02,
               # the prompt encoder's positional embedding has 2*num_pos_feats channels,
               # which must equal the image embedding's: without this the model cannot run
               num_pos_feats=out_ch // 2)
