@@ -257,7 +257,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupt:
+    """SIGINT handler that remembers it fired. A Ctrl-C that lands inside a native
+    reader (safetensors calls back into torch) can surface as that reader's own error,
+    which the source layer wraps as SourceError; the flag lets main still exit 130."""
+
+    fired = False
+
+    def __call__(self, signum, frame):
+        type(self).fired = True
+        raise KeyboardInterrupt
+
+
+def _interrupted(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return _Interrupt.fired
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _Interrupt())
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -269,10 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BirkhoffError as exc:
         log.debug("failed after %.2f s", time.perf_counter() - t0, exc_info=True)
+        if _interrupted(exc):
+            print(f"birkhoff {args.command}: interrupted", file=sys.stderr)
+            return 130
         print(f"birkhoff {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system said no somewhere we did not foresee: still name the file
         log.debug("failed after %.2f s", time.perf_counter() - t0, exc_info=True)
+        if _interrupted(exc):
+            print(f"birkhoff {args.command}: interrupted", file=sys.stderr)
+            return 130
         where = ", ".join(str(f) for f in (exc.filename, exc.filename2) if f)
         print(f"birkhoff {args.command}: error: {type(exc).__name__}: {exc.strerror or exc}"
               + (f" (file {where})" if where else ""), file=sys.stderr)

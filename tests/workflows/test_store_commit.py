@@ -261,7 +261,8 @@ def test_racing_commits_one_wins_the_loser_removes_only_its_own(store, tmp_path,
         assert now.complete and now.manifest == plans[pair[winner]][1]
         assert out[1 - winner].manifest == now.manifest  # the loser reports the checkpoint that stands
         _loads(store, p, tmp_path / f"fetched-{trial}")
-        want = {p + n for n in now.manifest["shards"]} | {p + "config.json", p + "manifest.json"}
+        kept = {**now.manifest["shards"], **now.manifest.get("extra_files", {})}
+        want = {p + n for n in kept} | {p + "config.json", p + "manifest.json"}
         assert set(store.list(p)) == want  # the loser's shards, both resume records and the lease are gone
 
 
