@@ -55,8 +55,8 @@ def _nearest(ux, uy):
 @njit(cache=True, parallel=True)
 def encode_rows(w, steps, m_out, b_out):
     """Lattice coordinates of every pair of ``w [rows, cols]`` (any float dtype) with
-    row steps ``steps`` (float64): ``m_out``, ``b_out`` int64 ``[rows, ceil(cols/2)]``.
-    An odd ``cols`` pads ``y = 0``."""
+    row steps ``steps`` (float64): ``m_out``, ``b_out`` int32 or int64
+    ``[rows, ceil(cols/2)]`` (the caller checks the range). An odd ``cols`` pads ``y = 0``."""
     rows, cols = w.shape
     full = cols // 2
     for i in prange(rows):

@@ -102,8 +102,8 @@ def _encode_kernel(w, steps, m_out, b_out):
         ux = np.float64(w[i, 2 * j]) / s
         uy = np.float64(w[i, 2 * j + 1]) / s if j < full else 0.0 / s
         m, b = _nearest(ux, uy)
-        m_out[i, j] = np.int64(m)
-        b_out[i, j] = np.int64(b)
+        m_out[i, j] = m
+        b_out[i, j] = b
         k += stride
 
 
@@ -158,8 +158,8 @@ def encode_rows(w, steps, m_out, b_out) -> None:
         raise ValueError(f"m_out, b_out must have shape ({rows}, {pairs})")
     if rows * pairs == 0:
         return
-    d_m = cuda.device_array((rows, pairs), dtype=np.int64)
-    d_b = cuda.device_array((rows, pairs), dtype=np.int64)
+    d_m = cuda.device_array((rows, pairs), dtype=m_out.dtype)
+    d_b = cuda.device_array((rows, pairs), dtype=b_out.dtype)
     grid, block = _launch(rows * pairs)
     _encode_kernel[grid, block](cuda.to_device(w), cuda.to_device(np.ascontiguousarray(steps, dtype=np.float64)),
                                 d_m, d_b)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class V2Kernels:
-    """``row_sumsq(w) -> ss``, ``encode_rows(w, steps) -> (m, b)``,
+    """``row_sumsq(w) -> ss``, ``encode_rows(w, steps) -> (m, b)`` (int32, or int64 from
+    the reference: the same values),
     ``decode_rows(m, b, steps, cols, dtype) -> w``: host arrays in and out."""
 
     name: str
@@ -45,7 +46,7 @@ def _from_module(name: str, mod) -> V2Kernels:
 
     def encode(w, steps):
         rows, cols = w.shape
-        m = np.empty((rows, (cols + 1) // 2), dtype=np.int64)
+        m = np.empty((rows, (cols + 1) // 2), dtype=np.int32)
         b = np.empty_like(m)
         mod.encode_rows(np.ascontiguousarray(w), np.ascontiguousarray(steps, dtype=np.float64), m, b)
         lim = lattice.MAX_COORD

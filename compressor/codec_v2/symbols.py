@@ -106,9 +106,11 @@ def build_model(values: np.ndarray) -> SymbolModel:
     v = np.asarray(values).ravel()
     if v.size == 0:
         return SymbolModel(0, np.array([MODEL_TOTAL - 1, 1], dtype=np.uint16))
-    core = np.clip(v, -MAX_CORE - 1, MAX_CORE + 1).astype(np.int64)
-    vmin, vmax = int(core.min()), int(core.max())
-    counts = np.bincount(core - vmin, minlength=vmax - vmin + 1).astype(np.int64)
+    vmin, vmax = int(v.min()), int(v.max())
+    if vmin < -MAX_CORE - 1 or vmax > MAX_CORE + 1:  # rare: far outliers beyond the core
+        v = np.clip(v, -MAX_CORE - 1, MAX_CORE + 1)
+        vmin, vmax = max(vmin, -MAX_CORE - 1), min(vmax, MAX_CORE + 1)
+    counts = np.bincount(v - vmin if vmin else v, minlength=vmax - vmin + 1).astype(np.int64)
     if vmin == -MAX_CORE - 1:  # clipped: beyond the core is always an escape
         counts[0] = 0
     if vmax == MAX_CORE + 1:
@@ -131,10 +133,12 @@ def build_model(values: np.ndarray) -> SymbolModel:
 
 def to_symbols(values: np.ndarray, model: SymbolModel) -> tuple[np.ndarray, np.ndarray]:
     """``(symbols int32, escaped mask)``: ``v - lo`` in range, the escape index outside."""
-    v = np.asarray(values, dtype=np.int64)
+    v = np.asarray(values)
+    if v.dtype != np.int32:
+        v = v.astype(np.int64)
     out = v < model.lo
     out |= v > model.hi
-    sym = (v - model.lo).astype(np.int32)
+    sym = (v - np.int32(model.lo)).astype(np.int32, copy=False)
     sym[out] = model.escape
     return sym, out
 
