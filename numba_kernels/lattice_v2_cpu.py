@@ -19,6 +19,16 @@ from numba import njit, prange
 # the reference's constants (tests check they are equal)
 SQRT3 = 1.7320508075688772
 H = 0.8660254037844386
+U_CLAMP = float((1 << 30) + 2)
+
+
+@njit(cache=True, inline="always")
+def _clamp(u):
+    if u > U_CLAMP:
+        return U_CLAMP
+    if u < -U_CLAMP:
+        return -U_CLAMP
+    return u
 
 
 @njit(cache=True, parallel=True)
@@ -62,11 +72,11 @@ def encode_rows(w, steps, m_out, b_out):
     for i in prange(rows):
         s = steps[i]
         for j in range(full):
-            m, b = _nearest(np.float64(w[i, 2 * j]) / s, np.float64(w[i, 2 * j + 1]) / s)
+            m, b = _nearest(_clamp(np.float64(w[i, 2 * j]) / s), _clamp(np.float64(w[i, 2 * j + 1]) / s))
             m_out[i, j] = m
             b_out[i, j] = b
         if cols - 2 * full:
-            m, b = _nearest(np.float64(w[i, cols - 1]) / s, 0.0 / s)
+            m, b = _nearest(_clamp(np.float64(w[i, cols - 1]) / s), 0.0 / s)
             m_out[i, full] = m
             b_out[i, full] = b
 

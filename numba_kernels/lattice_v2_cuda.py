@@ -24,6 +24,7 @@ cuda = import_cuda()
 
 SQRT3 = 1.7320508075688772
 H = 0.8660254037844386
+U_CLAMP = float((1 << 30) + 2)
 
 _SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
 _BLOCK = 256
@@ -71,6 +72,11 @@ def _row_sumsq_kernel(w, out):
 
 
 @cuda.jit(device=True)
+def _clamp(u):
+    return min(max(u, -U_CLAMP), U_CLAMP)
+
+
+@cuda.jit(device=True)
 def _nearest(ux, uy):
     t = uy / SQRT3
     m0 = math.floor(ux + 0.5)
@@ -99,8 +105,8 @@ def _encode_kernel(w, steps, m_out, b_out):
         i = k // pairs
         j = k - i * pairs
         s = steps[i]
-        ux = np.float64(w[i, 2 * j]) / s
-        uy = np.float64(w[i, 2 * j + 1]) / s if j < full else 0.0 / s
+        ux = _clamp(np.float64(w[i, 2 * j]) / s)
+        uy = _clamp(np.float64(w[i, 2 * j + 1]) / s) if j < full else 0.0 / s
         m, b = _nearest(ux, uy)
         m_out[i, j] = m
         b_out[i, j] = b

@@ -146,13 +146,7 @@ class V2Tensor:
                 "esc_index": self.esc_index, "esc_value": self.esc_value, "payload": self.payload}
 
     def to_bytes(self) -> bytes:
-        header = json.dumps(self.meta(), sort_keys=True, separators=(",", ":")).encode()
-        parts = [MAGIC, struct.pack("<II", len(header), zlib.crc32(header)), header]
-        arrays = self.arrays()
-        for key, dt in _ARRAY_ORDER:
-            parts.append(np.ascontiguousarray(arrays[key], dtype=dt).tobytes())
-        parts.append(np.ascontiguousarray(self.payload, dtype="<u4").tobytes())
-        return b"".join(parts)
+        return pack_parts(self.meta(), self.arrays())
 
     @classmethod
     def from_bytes(cls, blob: bytes, *, file: str | None = None, name: str | None = None) -> "V2Tensor":
@@ -222,10 +216,10 @@ class V2Tensor:
             raise ScaleError(f"step base {base!r} is not a positive normal float32 with 13 significant bits", **where)
         rel = arr["rel"].astype(np.float16)
         relf = rel.astype(np.float64)
-        bad = ~np.isfinite(relf) | (relf < lattice.FP16_MIN_NORMAL)
+        bad = ~np.isfinite(relf) | (relf < lattice.FP16_MIN)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ScaleError(f"row {i} scale {float(relf[i])!r} is not a positive normal float16", **where)
+            raise ScaleError(f"row {i} scale {float(relf[i])!r} is not a positive finite float16", **where)
         if relf.size and not (base * float(relf.min()) >= lattice.FLOAT32_MIN_NORMAL
                               and base * float(relf.max()) <= lattice.FLOAT32_MAX):
             raise ScaleError("a row step leaves float32's normal range", **where)
@@ -362,6 +356,22 @@ class V2Tensor:
 
         m, b = self.coords(file=file)
         return DeviceForm.from_coords(self.name, m, b, self.base, self.rel, self.cols)
+
+
+def pack_parts(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The byte form of a header and its arrays (no validation: :meth:`V2Tensor.from_bytes`
+    validates on the way in)."""
+    header = json.dumps(dict(meta), sort_keys=True, separators=(",", ":")).encode()
+    parts = [MAGIC, struct.pack("<II", len(header), zlib.crc32(header)), header]
+    for key, dt in _ARRAY_ORDER:
+        parts.append(np.ascontiguousarray(arrays[key], dtype=dt).tobytes())
+    parts.append(np.ascontiguousarray(arrays["payload"], dtype="<u4").tobytes())
+    return b"".join(parts)
+
+
+def arrays_crc(arrays: Mapping[str, np.ndarray]) -> int:
+    """The header's ``arrays_crc`` of these arrays (every array but the payload)."""
+    return _crc_arrays(arrays)
 
 
 def _sizes(meta: Mapping[str, Any], file, name) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ Arithmetic is float64 in a fixed operation order, without FMA contraction, so th
 the CPU and CUDA kernels reproduce it exactly:
 
 * ``ss_i = sum_j w_ij * w_ij`` in column order; tensor RMS from ``math.fsum``;
-* ``u = w / step`` (IEEE division); ``round(v) = floor(v + 0.5)``;
+* ``u = w / step`` (IEEE division), clamped to ``+-U_CLAMP``; ``round(v) = floor(v + 0.5)``;
 * coset 0 ``(m0, 2 n0)``: ``m0 = round(ux)``, ``n0 = round(uy / sqrt3)``; coset 1
   ``(m1, 2 n1 + 1)``: ``m1 = floor(ux)``, ``n1 = floor(uy / sqrt3)``;
   ``d = dx*dx + dy*dy`` with ``dy = uy - b * H`` (``H = sqrt(3)/2``); coset 1 wins
@@ -44,12 +44,15 @@ import numpy as np
 
 SQRT3 = 1.7320508075688772  # float64 nearest to sqrt(3)
 H = 0.8660254037844386  # float64 nearest to sqrt(3)/2: the A2 row height
-FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MIN = 2.0 ** -24  # smallest float16 (subnormal): rows 10**7 times below the tensor's RMS
 FP16_MAX = 65504.0
 FLOAT32_MIN_NORMAL = 2.0 ** -126
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 BASE_BITS = 13  # significant bits of the per-tensor base: base * float16 fits float32 exactly
 MAX_COORD = 1 << 30  # larger coordinates mean a step far too small for the row: refuse
+# ``u = w / step`` is clamped to +-U_CLAMP before rounding, so a step far too small
+# gives a coordinate just above MAX_COORD (refused) instead of an integer overflow
+U_CLAMP = float(MAX_COORD + 2)
 
 
 def as_rows(w: np.ndarray) -> np.ndarray:
@@ -73,8 +76,8 @@ def row_sumsq(rows2d: np.ndarray) -> np.ndarray:
 
 def row_steps(ss: np.ndarray, cols: int, q: float) -> tuple[float, np.ndarray]:
     """``(base, rel)``: ``base = q * tensor RMS`` rounded to 13 significant bits (a
-    float32), ``rel_i`` = row RMS / tensor RMS as float16, clamped to its normal
-    range. ``base * rel_i`` then has at most 24 significant bits: the step is exact in
+    float32), ``rel_i`` = row RMS / tensor RMS as float16, clamped to its positive
+    range (subnormals included). ``base * rel_i`` then has at most 24 significant bits: the step is exact in
     float32 as well as float64, so the on-device form (float32 steps) decodes to the
     same weights as the checkpoint. Shared by every backend (O(rows) host work).
     Raises ValueError when a step would leave float32's normal range."""
@@ -87,8 +90,8 @@ def row_steps(ss: np.ndarray, cols: int, q: float) -> tuple[float, np.ndarray]:
         rms_t = 1.0
     base = round_base(float(q) * rms_t)
     rel = np.sqrt(ss / cols) / rms_t
-    rel = np.clip(rel, FP16_MIN_NORMAL, FP16_MAX).astype(np.float16)
-    rel[rel < FP16_MIN_NORMAL] = np.float16(FP16_MIN_NORMAL)  # rounding down below the clamp
+    rel = np.clip(rel, FP16_MIN, FP16_MAX).astype(np.float16)
+    rel[rel < FP16_MIN] = np.float16(FP16_MIN)  # rounding down below the clamp
     lo = base * float(rel.min())
     if not (lo >= FLOAT32_MIN_NORMAL and base * float(rel.max()) <= FLOAT32_MAX):
         raise ValueError(f"row steps [{lo:g}, {base * float(rel.max()):g}] leave float32's normal range")
@@ -165,7 +168,7 @@ def encode_rows(rows2d: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.n
     of ``rows2d`` with row steps ``steps`` (float64)."""
     x, y = pairs_of(rows2d)
     s = np.asarray(steps, dtype=np.float64)[:, None]
-    m, b = a2_nearest(x / s, y / s)
+    m, b = a2_nearest(np.clip(x / s, -U_CLAMP, U_CLAMP), np.clip(y / s, -U_CLAMP, U_CLAMP))
     if m.size and max(int(np.abs(m).max()), int(np.abs(b).max())) > MAX_COORD:
         raise ValueError(f"a lattice coordinate exceeds {MAX_COORD}: the step is far too small for the row")
     return m, b
