@@ -35,11 +35,14 @@ from .config import CodecV2Config
 from .container import V2Tensor, _as_numpy, encode_tensor, role_of
 from .kernels import V2Kernels, resolve
 from . import lattice
+from . import symbols as sy
 
 log = logging.getLogger(__name__)
 
 SAMPLE_PAIRS = 1 << 15
 ROW_SCALE_BITS = 16
+TABLE_ENTRY_BITS = 16
+HEADER_BITS = 8 * 450  # the byte form's fixed part and JSON header (measured 400-450 bytes)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ class _Samples:
 
     def bits_per_weight(self, q: float, kernels: V2Kernels) -> float:
         """Estimated mean coded bits per weight at relative step ``q``: per tensor, the
-        ideal entropy of its sample's coordinates plus the float16 row scales."""
+        ideal entropy of its sample's coordinates, the float16 row scales, the symbol
+        tables (as built for the sample) and the header."""
         acc = 0.0
         for cols, names, stack, ss, bounds in self.groups:
             steps = np.empty(stack.shape[0], dtype=np.float64)
@@ -147,8 +151,10 @@ class _Samples:
                 steps[r0:r1] = lattice.steps_f64(base, rel)
             m, b = kernels.encode_rows(stack, steps)
             for n, r0, r1 in zip(names, bounds[:-1], bounds[1:]):
-                bits = _entropy_bits(m[r0:r1]) + _entropy_bits(b[r0:r1]) + ROW_SCALE_BITS * (r1 - r0)
-                acc += bits / ((r1 - r0) * cols) * self.weight[n]
+                mk, bk = m[r0:r1], b[r0:r1]
+                per_weight = (_entropy_bits(mk) + _entropy_bits(bk) + ROW_SCALE_BITS * (r1 - r0)) / ((r1 - r0) * cols)
+                fixed = HEADER_BITS + TABLE_ENTRY_BITS * (sy.build_model(mk).n + sy.build_model(bk).n)
+                acc += per_weight * self.weight[n] + fixed
         return acc / self.total
 
 
