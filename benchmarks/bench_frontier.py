@@ -86,8 +86,12 @@ def mae(src: dict[str, np.ndarray], dec: dict[str, np.ndarray]) -> float:
 # -- baselines -------------------------------------------------------------------------------
 
 def rtn(w: np.ndarray, bits: int, group: int | None) -> tuple[np.ndarray, int]:
-    """Asymmetric round-to-nearest per row (``group=None``) or per group of a row;
-    fp16 scale and zero per row/group. ``(decoded, stored bytes)``."""
+    """Asymmetric round-to-nearest per row (``group=None``) or per group of a row, the
+    usual way: fp16 scale ``(max - min) / (2**bits - 1)`` and an integer zero point
+    (so 0 is exactly representable), both stored as fp16. ``(decoded, stored bytes)``.
+    (A fractional zero point mapping min and max exactly measured far worse on MiniLM
+    -- mean cosine 0.971 instead of 0.995 for int6 --: rows of the output projections
+    with huge outliers then decode every near-zero weight to one nonzero level.)"""
     rows = w.shape[0]
     g = w.reshape(rows, -1) if group is None else w.reshape(-1, group)
     lo = g.min(axis=1, keepdims=True).astype(np.float64)
@@ -95,7 +99,7 @@ def rtn(w: np.ndarray, bits: int, group: int | None) -> tuple[np.ndarray, int]:
     levels = (1 << bits) - 1
     scale = np.float16((hi - lo) / levels).astype(np.float64)
     scale[scale == 0] = 1.0
-    zero = np.float16(-lo / scale).astype(np.float64)
+    zero = np.clip(np.round(-lo / scale), 0, levels)
     q = np.clip(np.round(g / scale + zero), 0, levels)
     dec = ((q - zero) * scale).astype(np.float32).reshape(w.shape)
     nbytes = math.ceil(w.size * bits / 8) + g.shape[0] * 4

@@ -121,7 +121,11 @@ class V2Tensor:
 
     @property
     def nbytes(self) -> int:
-        return len(self.to_bytes())
+        """Size of :meth:`to_bytes` (computed once: the tensor is immutable)."""
+        n = self._cm.get("nbytes")
+        if n is None:
+            n = self._cm["nbytes"] = len(self.to_bytes())
+        return n
 
     @property
     def bits_per_weight(self) -> float:
@@ -342,9 +346,8 @@ class V2Tensor:
         return m, b
 
     def decode(self, kernels: V2Kernels | str | None = None, *, file: str | None = None) -> np.ndarray:
-        """The float32 weights, shaped like the source (a float16/bfloat16 source is
-        exactly representable after the caller's cast only when the step allows; the
-        values are the lattice points)."""
+        """The decoded weights as float32, shaped like the source (the caller casts to
+        ``self.dtype``)."""
         k = kernels if isinstance(kernels, V2Kernels) else resolve(kernels or "auto")
         m, b = self.coords(file=file)
         return k.decode_rows(m, b, self.steps(), self.cols, np.float32).reshape(self.shape)

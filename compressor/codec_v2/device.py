@@ -24,7 +24,11 @@ from . import lattice
 
 FUSED_MAX_TOKENS = 32
 INT8_LO, INT8_HI = -128, 127
-_MIN_PARALLEL_WEIGHTS = 1 << 16
+# A call shares its rows with the pool threads only above this many multiply-adds:
+# handing work to a pool thread costs tens of microseconds, as much as the whole
+# 768x2304 one-token product on one core (measured 56 us on one thread against
+# 82-120 us on two, 2-core VM under load; see note i12)
+_MIN_PARALLEL_MACS = 1 << 22
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,14 +133,15 @@ def run_split(fn, rows: int, threads: int, *args) -> None:
         f.result()
 
 
-def _threads(form: DeviceForm, threads: Optional[int]) -> int:
+def _threads(form: DeviceForm, threads: Optional[int], tokens: int, path: str) -> int:
+    """``threads`` if given, else torch's thread count for work large enough to split."""
     if threads is not None:
         return max(1, int(threads))
     import torch
 
     n = torch.get_num_threads()
-    weights = form.out_features * form.in_features
-    return 1 if n <= 1 or weights < _MIN_PARALLEL_WEIGHTS or form.out_features < 2 * n else n
+    macs = form.out_features * form.in_features * (tokens if path == "fused" else 1)
+    return 1 if n <= 1 or macs < _MIN_PARALLEL_MACS or form.out_features < 2 * n else n
 
 
 def _workspace(rows: int, cols: int) -> np.ndarray:
@@ -172,7 +177,7 @@ def linear(x, form: DeviceForm, bias=None, *, threads: Optional[int] = None, pat
     if path == "auto":
         path = "fused" if tokens <= FUSED_MAX_TOKENS else "decode"
     k = _kernels()
-    n = _threads(form, threads)
+    n = _threads(form, threads, tokens, path)
     if path == "fused":
         x2 = x.detach().reshape(tokens, form.in_features).contiguous().numpy()
         xe, xo = prepare_x(x2, form.xt.shape[0])
