@@ -54,6 +54,15 @@ class TensorPlan:
     reason: str = ""
 
 
+def roles_from_module(module) -> dict[str, str]:
+    """``{"<name>.weight": "embedding"}`` for every ``nn.Embedding`` of a torch module:
+    the role a model source gives without relying on names."""
+    from torch import nn
+
+    return {f"{name}.weight" if name else "weight": "embedding" for name, m in module.named_modules()
+            if isinstance(m, nn.Embedding)}
+
+
 def _is_float(a: np.ndarray) -> bool:
     return a.dtype.kind == "f"
 

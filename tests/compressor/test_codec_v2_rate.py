@@ -8,7 +8,7 @@ import torch
 
 from compressor.codec_v2 import CodecV2Config, V2Tensor
 from compressor.codec_v2.config import REL_ERROR_PER_STEP
-from compressor.codec_v2.rate import encode_tensors, plan_tensors
+from compressor.codec_v2.rate import encode_tensors, plan_tensors, roles_from_module
 from compressor.errors import NonFiniteTensorError
 
 
@@ -34,6 +34,15 @@ def test_plan_raw_roles_and_steps():
     assert lin.q == cfg.rel_step and emb.q == pytest.approx(cfg.embedding_factor * cfg.rel_step)
     forced = plan_tensors(_model(), cfg, roles={"layer.0.dense.weight": "embedding"})
     assert forced["layer.0.dense.weight"].q == pytest.approx(emb.q)
+
+
+def test_roles_from_a_module_mark_embedding_tables():
+    net = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16))
+    roles = roles_from_module(net)
+    assert roles == {"0.weight": "embedding"}
+    sd = {k: v.detach() for k, v in net.state_dict().items()}
+    plans = plan_tensors(sd, CodecV2Config(min_elements=64), roles=roles)
+    assert plans["0.weight"].role == "embedding" and plans["1.weight"].role == "linear"
 
 
 def test_rel_error_knob_gives_that_relative_error():
