@@ -115,3 +115,20 @@ class CheckpointExistsError(DestinationError, FileExistsError):
 
 class OutOfRangeTensorError(SourceError):
     """A source tensor's values are too large for the codec's float64 geometry."""
+
+
+# -- codec v2 (entropy-coded lattice tensors, compressor/codec_v2/) -------------------
+
+class SymbolModelError(FormatError):
+    """A v2 tensor's symbol model (frequency table) is invalid: a zero frequency, a
+    wrong total, a range outside the caps."""
+
+
+class EntropyStreamError(FormatError):
+    """A v2 tensor's entropy-coded block does not decode to exactly its declared
+    symbols (words left over, the coder's own checks), or its escapes disagree with it."""
+
+
+class ScaleError(FormatError):
+    """A v2 tensor's step (float32 base or float16 row scale) is NaN, infinite, zero,
+    negative or subnormal."""

@@ -1,0 +1,89 @@
+"""The codec-v2 linear product on the CPU (int8 on-device form, decoded inside the
+product) against torch's fp32 linear with the same decoded weight, in one run.
+
+    python benchmarks/bench_lattice_linear.py                       # 768->2304, tokens 1,16,4096, 2 threads
+    python benchmarks/bench_lattice_linear.py --shapes 768x2304,3072x768 --tokens 1,4096 --threads 2
+
+Times are medians in microseconds (each case alternates torch and v2 calls, so the
+two see the same machine load). The weight is SAM-init-like N(0, 0.02) with a few
+outliers, compressed with ``--preset`` (default faithful). Targets (issue 12): at most
+1.3x torch at 4096 tokens and 1.5x at 1 token, 768->2304, fp32, 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compressor.codec_v2 import CodecV2Config, encode_tensor  # noqa: E402
+from compressor.codec_v2.device import linear  # noqa: E402
+
+
+def _weight(in_f, out_f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    w.view(-1)[:: 9973] *= 8.0
+    return w
+
+
+def _paired(fa, fb, repeats):
+    """Medians of ``fa`` and ``fb``, called alternately."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fa()
+        ta.append((time.perf_counter() - t) * 1e6)
+        t = time.perf_counter()
+        fb()
+        tb.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="768x2304", help="comma list of INxOUT")
+    ap.add_argument("--tokens", default="1,16,4096")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default="faithful")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, threads {args.threads}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print("| in -> out | tokens | device bits/weight | torch fp32 (us) | v2 (us) | ratio | path |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        in_f, out_f = (int(s) for s in shape.split("x"))
+        w = _weight(in_f, out_f)
+        v = encode_tensor(w, CodecV2Config(preset=args.preset), name=f"{shape}.weight")
+        form = v.decode_to_device_form()
+        wd = torch.from_numpy(v.decode())
+        bias = torch.randn(out_f) * 0.01
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(tokens, in_f)
+            ref = F.linear(x.double(), wd.double(), bias.double())
+            y = linear(x, form, bias)  # warm-up (JIT cache load) and a check
+            err = (y.double() - ref).abs().max().item()
+            assert err < 1e-3 * max(1.0, ref.abs().max().item()), err
+            for _ in range(2):
+                F.linear(x, wd, bias)
+                linear(x, form, bias)
+            flops = 2 * tokens * in_f * out_f
+            repeats = max(5, min(400, int(4e9 / max(flops, 1))))
+            tt, tv = _paired(lambda: F.linear(x, wd, bias), lambda: linear(x, form, bias), repeats)
+            path = "fused" if tokens <= 32 else "decode + torch matmul"
+            print(f"| {in_f} -> {out_f} | {tokens} | {form.bits_per_weight:.3f} | {tt:.0f} | {tv:.0f} | "
+                  f"{tv / tt:.2f}x | {path} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
