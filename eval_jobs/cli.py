@@ -74,7 +74,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.paper_table == "-":
         from .paper_table import to_markdown
 
-        sys.stderr.write(to_markdown(results)) if args.json else sys.stdout.write(to_markdown(results))
+        # with --json, stdout's last line belongs to the JSON object
+        (sys.stderr if args.json else sys.stdout).write(to_markdown(results))
     elif args.paper_table:
         from .paper_table import write_paper_table
 
