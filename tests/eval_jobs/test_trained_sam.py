@@ -70,7 +70,7 @@ def test_committed_model_segments_heldout_images(heldout):
     for p in ("box_center", "mask_center", "mask_rand1"):  # one point is ambiguous: lower, far above chance
         assert m[f"miou_original/coco/{p}"] >= 0.55, m
     assert m["map_original/coco"] > 0.4 and m["map_original/lvis"] > 0.4, m
-    assert r.counts["coco/box"] >= 3 * HELDOUT_IMAGES  # several objects per image
+    assert r.counts["coco/box"] >= 2.5 * HELDOUT_IMAGES  # several objects per image
 
 
 def test_training_script_short_run_lowers_the_loss_and_writes_a_model(tmp_path):
@@ -80,14 +80,15 @@ def test_training_script_short_run_lowers_the_loss_and_writes_a_model(tmp_path):
 
     out, report = tmp_path / "model", tmp_path / "report.json"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "eval_jobs.train_sam", str(out), "--steps", "24", "--batch-images", "3",
-           "--log-every", "6", "--eval-images", "2", "--threads", "1", "--report", str(report)]
+    # 100 steps of 4 images: the loss leaves its initial plateau (measured 1.60 -> 1.50 over four windows)
+    cmd = [sys.executable, "-m", "eval_jobs.train_sam", str(out), "--steps", "100", "--batch-images", "4",
+           "--log-every", "25", "--eval-images", "2", "--threads", "1", "--report", str(report)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 24/24" in proc.stderr and "held-out (2 images" in proc.stderr  # progress is logged
+    assert "step 100/100" in proc.stderr and "held-out (2 images" in proc.stderr  # progress is logged
     rep = json.loads(report.read_text())
     assert len(rep["losses"]) == 4 and rep["losses"][-1] < rep["losses"][0]
-    assert rep["config"] == dict(TrainConfig().to_dict(), steps=24, batch_images=3)
+    assert rep["config"] == dict(TrainConfig().to_dict(), steps=100, batch_images=4)
     assert set(rep["heldout"]) >= {"miou/box", "map", "mar"}
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "processor_config.json",
                                               "birkhoff_weights.json"}
