@@ -56,15 +56,15 @@ def heldout(tmp_path_factory):
 
 
 def test_committed_model_segments_heldout_images(heldout):
-    """Every prompt type, every dataset format, on images the model never trained on."""
-    specs = [DatasetSpec.parse(heldout.spec("coco")), DatasetSpec.parse(heldout.spec("lvis")),
-             DatasetSpec.parse(heldout.spec("sa1b"))]
+    """Every prompt type, COCO and LVIS layouts, on images the model never trained on (SA-1B holds
+    the COCO set's objects: its path is covered by the pipeline tests)."""
+    specs = [DatasetSpec.parse(heldout.spec("coco")), DatasetSpec.parse(heldout.spec("lvis"))]
     r = run_eval([model_under_test(str(TRAINED), specs, original=str(TRAINED))], EvalConfig(overlay_images=0))[0]
     m = r.metrics
     assert r.weights == "trained" and r.fidelity_meaningful
-    # measured: box 0.725 (coco, sa1b) / 0.728 (lvis); two points 0.65; one point 0.62-0.69;
+    # measured: box 0.725 (coco) / 0.728 (lvis); two points 0.65; one point 0.62-0.69;
     # mask AP 0.46 (COCO) and 0.46 (LVIS federated). A random-init SAM scores about 0.09 and 0.
-    for ds in ("coco", "lvis", "sa1b"):
+    for ds in ("coco", "lvis"):
         assert m[f"miou_original/{ds}/box"] >= 0.70, m
         assert m[f"miou_original/{ds}/mask_rand2"] >= 0.6, m
     for p in ("box_center", "mask_center", "mask_rand1"):  # one point is ambiguous: lower, far above chance
