@@ -1,9 +1,14 @@
 """``birkhoff eval``: evaluate a compressed model against its original.
 
     birkhoff eval COMPRESSED_DIR [--original SOURCE] --dataset FORMAT:ANNOTATIONS:IMAGES [--dataset ...]
-                  [--prompts box,mask_center,...] [--limit N] [--seed S] [--json]
+                  [--prompts box,mask_center,...] [--limit N] [--seed S] [--json] [--paper-table DIR]
 
 With ``--json`` the last line of stdout is one JSON object holding every metric.
+``--paper-table DIR`` writes the paper's table (prompt types down, datasets
+across, original / compressed / drop) as ``paper_table.md`` and
+``paper_table.csv``; an MLflow run always gets both. When the original's
+weights are a random init (``birkhoff_weights.json``), the output says so: its
+mIoU, mAP and fidelity are noise.
 ``compressor.cli`` calls ``register``; ``python -m eval_jobs`` runs it on its own.
 """
 
@@ -40,7 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, help="shards per dataset (default: 1 locally, the cluster's CPUs on Ray)")
     p.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
     p.add_argument("--max-prompts", type=int, default=64, help="prompts per forward pass (default 64)")
-    p.add_argument("--artifacts", metavar="DIR", help="also write results.json, the mIoU chart and overlays here")
+    p.add_argument("--artifacts", metavar="DIR",
+                   help="also write results.json, the paper's table, the mIoU chart and overlays here")
+    p.add_argument("--paper-table", metavar="DIR",
+                   help="write the paper's table (paper_table.md, paper_table.csv) here; '-' prints the Markdown")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="log to this MLflow tracking URI (default $MLFLOW_TRACKING_URI; not logged when unset)")
     p.add_argument("--parent-run-id", help="nest the MLflow run under this run (the model's compression run)")
@@ -59,6 +67,19 @@ def run_cli(args: argparse.Namespace) -> int:
     model = model_under_test(args.compressed, specs, original=args.original)
     executor = args.executor or ("ray" if args.ray_address else "local")
     results = run_eval([model], cfg, executor=executor, ray_address=args.ray_address)[0]
+    if not results.fidelity_meaningful:
+        from .provenance import RANDOM_INIT_NOTE
+
+        print(f"birkhoff eval: WARNING: {results.original} has {RANDOM_INIT_NOTE}", file=sys.stderr)
+    if args.paper_table == "-":
+        from .paper_table import to_markdown
+
+        # with --json, stdout's last line belongs to the JSON object
+        (sys.stderr if args.json else sys.stdout).write(to_markdown(results))
+    elif args.paper_table:
+        from .paper_table import write_paper_table
+
+        write_paper_table(results, args.paper_table)
     if args.artifacts:
         from .reporting import write_artifacts
 
@@ -80,7 +101,10 @@ def _print_table(results) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{results.model}: compressed vs original")
+    title = f"{results.model}: compressed vs original"
+    if not results.fidelity_meaningful:
+        title += " [RANDOM-INIT WEIGHTS: figures not meaningful]"
+    t = Table(title=title)
     for col in ("dataset/prompt", "n", "mIoU orig", "mIoU comp", "drop", "fidelity"):
         t.add_column(col, justify="right" if col != "dataset/prompt" else "left")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
@@ -94,7 +118,8 @@ def _print_table(results) -> None:
     for d in results.datasets:
         n = d["name"]
         if f"map/{n}" in m:
-            console.print(f"{n}: mask mAP {fmt(m['map_original/' + n])} -> {fmt(m['map/' + n])}, "
+            kind = "LVIS federated mask AP" if d.get("format") == "lvis" else "mask mAP"
+            console.print(f"{n}: {kind} {fmt(m['map_original/' + n])} -> {fmt(m['map/' + n])}, "
                           f"mAR {fmt(m['mar_original/' + n])} -> {fmt(m['mar/' + n])}")
 
 

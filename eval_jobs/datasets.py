@@ -8,8 +8,10 @@ pycocotools.
 - ``coco`` / ``lvis``: one instance JSON (``images``, ``annotations``,
   ``categories``) plus an image folder. LVIS keeps the COCO layout; its images
   carry ``coco_url`` instead of ``file_name``, so the file name is the URL's last
-  part. Mask mAP is computed for ``coco`` only: LVIS's federated AP needs the LVIS
-  API, and SA-1B has no categories.
+  part, and each image lists its verified-absent (``neg_category_ids``) and
+  partly annotated (``not_exhaustive_category_ids``) categories. Mask AP with
+  box prompts: COCO's (pycocotools) for ``coco``, LVIS's federated AP
+  (``eval_jobs.lvis_ap``) for ``lvis``; SA-1B has no categories.
 - ``sa1b``: a folder of per-image JSON files (``{"image": {...}, "annotations":
   [...]}`` with RLE masks), or one such file, plus the image folder.
 - A detector's results file (COCO results format: ``image_id``, ``category_id``,
@@ -138,7 +140,8 @@ class Dataset:
 
     @property
     def has_map(self) -> bool:
-        return self.spec.format == "coco"
+        """Mask AP is measured: COCO's for ``coco``, the federated one for ``lvis``."""
+        return self.spec.format in ("coco", "lvis")
 
 
 # -- reading ---------------------------------------------------------------------

@@ -110,7 +110,10 @@ def save_miou_chart(results: "EvalResults", path: str | Path) -> Path:
 
 
 def write_artifacts(results: "EvalResults", out_dir: str | Path) -> list[Path]:
-    """results.json, miou_per_prompt.png and overlays/*.png under ``out_dir``."""
+    """results.json, the paper's table (paper_table.md / .csv), miou_per_prompt.png and
+    overlays/*.png under ``out_dir``."""
+    from .paper_table import write_paper_table
+
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     files = []
@@ -118,6 +121,7 @@ def write_artifacts(results: "EvalResults", out_dir: str | Path) -> list[Path]:
     tmp.write_text(json.dumps(results.to_json_dict(), indent=2, sort_keys=True))
     os.replace(tmp, out / "results.json")
     files.append(out / "results.json")
+    files += write_paper_table(results, out)
     files.append(save_miou_chart(results, out / "miou_per_prompt.png"))
     for ov in results.overlays:
         files.append(save_overlay_png(ov, out / "overlays" / f"{ov['dataset']}_{ov['image_id']}.png"))
@@ -129,13 +133,17 @@ def log_eval_to_mlflow(results: "EvalResults", parent_run_id: str | None = None,
     """Log one model's evaluation as an MLflow run, nested under ``parent_run_id`` when given.
 
     Works through ``MlflowClient`` (no global active run is touched, so a workflow
-    can call it while its own run is open). Returns the new run's id.
+    can call it while its own run is open). Returns the new run's id. The run is
+    tagged with the original's provenance (``birkhoff.weights``); a random-init
+    original's run is tagged ``birkhoff.fidelity_meaningful=false`` with a note.
     """
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    from .provenance import provenance_tags
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    tags = {"birkhoff.kind": "eval", "birkhoff.model": results.model}
+    tags = {"birkhoff.kind": "eval", "birkhoff.model": results.model, **provenance_tags(results.weights)}
     if parent_run_id:
         exp_id = client.get_run(parent_run_id).info.experiment_id
         tags["mlflow.parentRunId"] = parent_run_id

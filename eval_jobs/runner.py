@@ -25,9 +25,11 @@ import numpy as np
 
 from .datasets import Dataset, DatasetSpec, ImageEntry, decode_masks, load_dataset, load_image, select_images, shard
 from .errors import DatasetSpecError
+from .lvis_ap import load_lvis, lvis_mask_ap
 from .metrics import batch_iou, coco_mask_ap, exact_mean, load_coco, segm_results
 from .models import ModelLoader, SamPredictor, default_loader, is_compressed_dir, recorded_source
 from .prompts import ALL_PROMPTS, PromptBatch, PromptType, build_prompts, parse_prompts, xywh_to_xyxy
+from .provenance import RANDOM_INIT_NOTE, weights_kind
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +244,19 @@ class EvalResults:
     counts: dict[str, int]
     timings: dict[str, float]
     overlays: list[dict] = field(default_factory=list, repr=False)
+    # where the original's weights come from (``eval_jobs.provenance``): "trained",
+    # "random-init" or "unknown"; a random-init model's figures are noise
+    weights: str = "unknown"
+
+    @property
+    def fidelity_meaningful(self) -> bool:
+        return self.weights != "random-init"
 
     def to_json_dict(self) -> dict:
         return {"model": self.model, "compressed": self.compressed, "original": self.original,
                 "config": self.config, "datasets": self.datasets, "metrics": self.metrics,
-                "counts": self.counts, "timings": self.timings}
+                "counts": self.counts, "timings": self.timings, "weights": self.weights,
+                "fidelity_meaningful": self.fidelity_meaningful}
 
 
 def _clean(x: float) -> float | None:
@@ -278,16 +288,22 @@ def aggregate(model: ModelUnderTest, cfg: EvalConfig, selected: dict[str, tuple[
             metrics[f"fidelity_miou/{ds_name}/{DET_BOX}"] = exact_mean(d[2] for d in det)
             counts[f"{ds_name}/{DET_BOX}"] = len(det)
         if ds.has_map:
-            coco_gt = load_coco(ds.spec.annotations)
             ids = [e.image_id for e in entries]
+            if ds.spec.format == "lvis":  # federated AP; also per frequency group
+                lvis_gt = load_lvis(ds.spec.annotations)
+                ap_of = lambda dets: lvis_mask_ap(lvis_gt, dets, ids)  # noqa: E731
+                extra = ("apr", "apc", "apf")
+            else:
+                coco_gt = load_coco(ds.spec.annotations)
+                ap_of = lambda dets: coco_mask_ap(coco_gt, dets, ids)  # noqa: E731
+                extra = ()
             ap = {}
             for which, attr in (("original", "segm_original"), ("compressed", "segm_compressed")):
                 dets = [d for _, d in sorted((x for r in mine for x in getattr(r, attr)), key=lambda x: x[0])]
-                ap[which] = coco_mask_ap(coco_gt, dets, ids)
-            metrics[f"map/{ds_name}"] = ap["compressed"]["map"]
-            metrics[f"mar/{ds_name}"] = ap["compressed"]["mar"]
-            metrics[f"map_original/{ds_name}"] = ap["original"]["map"]
-            metrics[f"mar_original/{ds_name}"] = ap["original"]["mar"]
+                ap[which] = ap_of(dets)
+            for k in ("map", "mar") + extra:
+                metrics[f"{k}/{ds_name}"] = ap["compressed"][k]
+                metrics[f"{k}_original/{ds_name}"] = ap["original"][k]
             metrics[f"map_drop/{ds_name}"] = ap["original"]["map"] - ap["compressed"]["map"]
     images = sum(r.images for r in results)
     t_o = sum(r.seconds_original for r in results)
@@ -296,9 +312,12 @@ def aggregate(model: ModelUnderTest, cfg: EvalConfig, selected: dict[str, tuple[
                "images_per_s_original": images / t_o if t_o else 0.0,
                "images_per_s_compressed": images / t_c if t_c else 0.0}
     overlays = sorted((o for r in results for o in r.overlays), key=lambda o: (o["dataset"], o["image_id"]))
+    weights = weights_kind(model.original)
+    if weights == "random-init":
+        log.warning("%s: the original %s has %s", model.name, model.original, RANDOM_INIT_NOTE)
     return EvalResults(model.name, model.compressed, model.original, cfg.to_dict(), ds_info,
                        {k: _clean(v) for k, v in sorted(metrics.items())}, dict(sorted(counts.items())),
-                       timings, overlays)
+                       timings, overlays, weights)
 
 
 # -- planning and execution ------------------------------------------------------------

@@ -3,7 +3,9 @@
 No SAM weights can be downloaded here; these architectures (tiny configs, random
 init from a fixed seed) exercise the whole evaluation path: processor, image
 embedding reuse, prompt batching, post-processing. ``sam-vit-b`` is the full
-SAM ViT-B architecture (``SamConfig()``) for the benchmark.
+SAM ViT-B architecture (``SamConfig()``) for the benchmark. Their directories
+are marked random-init (``birkhoff_weights.json``): their mIoU and fidelity are
+noise. The trained SAM of the project is ``eval_jobs/trained/sam-shapes``.
 """
 
 from __future__ import annotations
@@ -86,4 +88,7 @@ def save_model(kind: str, out_dir: str | Path, *, seed: int = 0, size: int = 128
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
+    from .provenance import write_provenance
+
+    write_provenance(out, "random-init", builder=f"eval_jobs.tiny_models:{kind}", seed=seed)
     return out

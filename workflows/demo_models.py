@@ -1,16 +1,23 @@
-"""SAM-family architectures built from small configs and saved locally.
+"""Demo SAM models, saved locally: the project's trained SAM and random-init architectures.
 
 Used by ``infra/zoo/demo.yaml`` (``demo:NAME`` sources) so that the demo zoo,
-the tests and the benchmark run with no network. Weights are a seeded random
-init (the same bytes on every machine with the same torch), saved with
-``save_pretrained`` as safetensors next to their ``config.json``.
+the tests and the benchmark run with no network.
 
-The small SAM builders draw the vision encoder with std 0.02, like trained ViT
-weights. transformers' SAM default (``initializer_range=1e-10``) makes those
-weights numerically zero: a codec can only keep them raw (the relative error
-limit does), and "compressing" them gives lattice noise millions of times their
-size. ``sam-vit-b`` keeps the transformers defaults: it is the paper anchor's
-exact checkpoint (HYPERCOMPRESSION.md section 8).
+- ``sam-shapes`` is the SAM this project trained (``python -m eval_jobs.train_sam``)
+  on procedural shapes, committed under ``eval_jobs/trained/``: the demo's
+  mIoU, mAP and fidelity figures are measured on it. It is copied into the cache.
+- The others are architectures with a seeded random init (the same bytes on
+  every machine with the same torch), saved with ``save_pretrained``, for
+  speed, memory and sharding figures. Their directories carry
+  ``birkhoff_weights.json`` saying ``random-init``: evaluation and MLflow report
+  their accuracy figures as not meaningful.
+
+The small random-init SAM builders draw the vision encoder with std 0.02, like
+trained ViT weights. transformers' SAM default (``initializer_range=1e-10``)
+makes those weights numerically zero: a codec can only keep them raw (the
+relative error limit does), and "compressing" them gives lattice noise millions
+of times their size. ``sam-vit-b`` keeps the transformers defaults: it is the
+paper anchor's exact checkpoint (HYPERCOMPRESSION.md section 8).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 SEED = 0
-BUILD_VERSION = 3  # bump when a builder changes: cached builds are keyed by it
+BUILD_VERSION = 4  # bump when a builder changes: cached builds are keyed by it
+# trained models committed with the code: name -> folder under eval_jobs/trained
+TRAINED = {"sam-shapes": "sam-shapes"}
 
 
 def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, decoder_hidden: int):
@@ -97,10 +106,12 @@ def build(name: str, cache_dir=None) -> Path:
     """
     import torch
 
+    if name in TRAINED:
+        return _copy_trained(name, Path(cache_dir) if cache_dir else default_cache_dir())
     if name not in BUILDERS:
         from .errors import ZooError
 
-        raise ZooError(f"unknown demo model {name!r}; known: {sorted(BUILDERS)}")
+        raise ZooError(f"unknown demo model {name!r}; known: {sorted(set(BUILDERS) | set(TRAINED))}")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / f"{name}-v{BUILD_VERSION}-seed{SEED}-torch{torch.__version__.split('+')[0]}"
     # `out` only ever appears by renaming a complete build onto it (and BUILD_VERSION in
@@ -119,6 +130,9 @@ def build(name: str, cache_dir=None) -> Path:
         from eval_jobs.tiny_models import processor_for
 
         processor_for(model.config).save_pretrained(str(tmp))
+        from eval_jobs.provenance import write_provenance
+
+        write_provenance(tmp, "random-init", builder=f"workflows.demo_models:{name}", seed=SEED)
         try:
             os.replace(tmp, out)
         except OSError:  # another worker won the race: theirs is identical
@@ -126,4 +140,41 @@ def build(name: str, cache_dir=None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def trained_dir(name: str) -> Path:
+    """The committed folder of trained demo model ``name``."""
+    import eval_jobs
+
+    return Path(eval_jobs.__file__).resolve().parent / "trained" / TRAINED[name]
+
+
+def _copy_trained(name: str, root: Path) -> Path:
+    """Copy the committed model into the cache, keyed by its weights' hash, so that a
+    recorded source path outlives the checkout (Ray unpacks a job's working dir in a
+    temporary place)."""
+    import hashlib
+
+    src = trained_dir(name)
+    weights = src / "model.safetensors"
+    if not weights.is_file():
+        from .errors import ZooError
+
+        raise ZooError(f"demo model {name!r}: {weights} is missing (regenerate it: python -m eval_jobs.train_sam "
+                       f"{src})")
+    h = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    out = root / f"{name}-trained-{h}"
+    if (out / "model.safetensors").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another worker won the race: theirs is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

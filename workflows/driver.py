@@ -299,9 +299,15 @@ class ModelRun:
             "codec_version": CODEC_VERSION, "format_version": fmt.FORMAT_VERSION, "git_commit": self.opts.git_commit,
             "checkpoint_uri": uri, "eval_datasets": list(spec.eval),
         }
+        from eval_jobs.provenance import RANDOM_INIT_NOTE, provenance_tags, weights_kind
+
+        weights = weights_kind(local)  # trained / random-init / unknown: tagged, so figures are read right
+        if weights == "random-init":
+            log.warning("%s: %s", spec.name, RANDOM_INIT_NOTE)
         if self.tracker and self.child_run:
             self.tracker.log_params(self.child_run, params)
-            self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **spec.tags})
+            self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **provenance_tags(weights),
+                                                   **spec.tags})
 
         seen = commits.inspect_checkpoint(store, prefix)
         if seen.complete and not self.opts.force:

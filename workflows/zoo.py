@@ -57,9 +57,12 @@ MAX_ZOO_BYTES = 4 << 20
 _MAX_TAG_CHARS = 5000
 _MODEL_KEYS = {"name", "source", "revision", "config", "eval", "tags", "description"}
 _TOP_KEYS = {"name", "defaults", "models", "description", "datasets"}
-# a zoo dataset is "synthetic" (the generated demo set) or an eval_jobs spec
+# a zoo dataset is "synthetic" (the generated demo set, as COCO), "synthetic:lvis" /
+# "synthetic:sa1b" (the same images in those formats) or an eval_jobs spec
 # "FORMAT:ANNOTATIONS:IMAGES[:DETECTIONS]" (paths relative to the zoo file)
 SYNTHETIC = "synthetic"
+SYNTHETIC_FORMS = {SYNTHETIC: "coco", "synthetic:coco": "coco", "synthetic:lvis": "lvis", "synthetic:sa1b": "sa1b"}
+SYNTHETIC_IMAGES = 16  # the demo set: enough objects (about 50) for a stable mIoU
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
     if not isinstance(datasets, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in datasets.items()):
         raise ZooError(f"{path}: 'datasets' maps names to 'synthetic' or FORMAT:ANNOTATIONS:IMAGES[:DETECTIONS]")
     for dname, dspec in datasets.items():
-        if dspec != SYNTHETIC and len(dspec.split(":")) not in (3, 4):
+        if dspec not in SYNTHETIC_FORMS and len(dspec.split(":")) not in (3, 4):
             raise ZooError(f"{path}: dataset {dname!r}: expected 'synthetic' or FORMAT:ANNOTATIONS:IMAGES, got {dspec!r}")
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -250,17 +253,30 @@ def load_zoo(path) -> Zoo:
 
 def resolve_dataset(zoo: Zoo, name: str, *, cache_dir=None) -> str:
     """The eval_jobs ``--dataset`` value of a zoo dataset; the synthetic demo set is
-    generated once into the cache (same seed, same bytes)."""
+    generated once into the cache (same seed, same bytes; keyed by the generator's
+    version) and shared by its COCO, LVIS and SA-1B forms."""
     spec = zoo.datasets[name]
-    if spec == SYNTHETIC:
-        from eval_jobs.synthetic import write_synthetic
+    if spec in SYNTHETIC_FORMS:
+        from eval_jobs.synthetic import SYNTHETIC_VERSION, write_synthetic
 
-        root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "datasets" / name
-        done = root / ".complete"
-        if not done.exists():
-            write_synthetic(root)
-            done.touch()
-        return f"{name}=coco:{root / 'coco.json'}:{root / 'images'}"
+        root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "datasets" / \
+            f"synthetic-v{SYNTHETIC_VERSION}-n{SYNTHETIC_IMAGES}-seed0"
+        if not (root / ".complete").exists():
+            # written under a temporary name, renamed whole: workers never see half a set
+            tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                write_synthetic(tmp, n_images=SYNTHETIC_IMAGES, seed=0)
+                (tmp / ".complete").touch()
+                try:
+                    os.replace(tmp, root)
+                except OSError:  # another worker won the race: theirs is identical
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        paths = {"coco": f"{root / 'coco.json'}:{root / 'images'}", "lvis": f"{root / 'lvis.json'}:{root / 'images'}",
+                 "sa1b": f"{root / 'sa1b'}:{root / 'images'}"}
+        fmt_ = SYNTHETIC_FORMS[spec]
+        return f"{name}={fmt_}:{paths[fmt_]}"
     parts = spec.split(":")
     base = Path(zoo.path).resolve().parent
     fmt_, *paths = parts

@@ -54,7 +54,7 @@ def test_shard_count_bounds_memory_and_uses_every_worker():
 
 def test_zoo_files_parse():
     demo = load_zoo(ROOT / "infra" / "zoo" / "demo.yaml")
-    assert [m.name for m in demo.models][:2] == ["all-minilm-l6-v2", "sam-tiny"]
+    assert [m.name for m in demo.models][:2] == ["all-minilm-l6-v2", "sam-shapes"]
     assert demo.models[0].config.points == (1225, 1600)
     sam = load_zoo(ROOT / "infra" / "zoo" / "sam.yaml")
     names = {m.name: m for m in sam.models}
@@ -92,6 +92,14 @@ def test_zoo_datasets_resolve(tmp_path):
     ann = Path(mini.split(":")[1])
     assert mini.startswith("mini=coco:") and ann.is_file() and json.loads(ann.read_text())["annotations"]
     assert resolve_dataset(zoo, "mini", cache_dir=tmp_path / "cache") == mini  # generated once, then reused
+    # the same generated images in the LVIS and SA-1B layouts
+    zoo_file.write_text("datasets:\n  l: synthetic:lvis\n  s: synthetic:sa1b\n"
+                        "models:\n  - {name: a, source: x, eval: [l, s]}\n")
+    zoo = load_zoo(zoo_file)
+    lv, sa = (resolve_dataset(zoo, n, cache_dir=tmp_path / "cache") for n in ("l", "s"))
+    assert lv.startswith("l=lvis:") and sa.startswith("s=sa1b:")
+    assert lv.split(":")[2] == sa.split(":")[2] == mini.split(":")[2]  # one image folder
+    assert json.loads(Path(lv.split(":")[1]).read_text())["images"][0]["neg_category_ids"] is not None
 
 
 def test_sources_resolve(tmp_path):
@@ -299,3 +307,20 @@ def test_demo_model_built_once_with_its_processor(tmp_path):
     assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
     assert AutoProcessor.from_pretrained(str(first)) is not None  # evaluation needs it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    from eval_jobs.provenance import read_provenance
+
+    assert read_provenance(first)["weights"] == "random-init"  # its figures are noise, and say so
+
+
+def test_trained_demo_model_is_copied_into_the_cache(tmp_path):
+    """demo:sam-shapes is the committed trained SAM, copied (keyed by its weights' hash) into the cache."""
+    from eval_jobs.provenance import read_provenance
+    from workflows import demo_models
+
+    got = Path(resolve_source("demo:sam-shapes", cache_dir=tmp_path))
+    src = demo_models.trained_dir("sam-shapes")
+    assert got.parent == tmp_path / "demo-models" and got.name.startswith("sam-shapes-trained-")
+    assert (got / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert read_provenance(got)["weights"] == "trained" and (got / "processor_config.json").is_file()
+    assert Path(resolve_source("demo:sam-shapes", cache_dir=tmp_path)) == got
+    assert not [p for p in got.parent.iterdir() if p.name.startswith(".")]
