@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+import numpy as np
+
 from .errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,28 @@ def _from_module(name: str, mod: ModuleType) -> Kernels:
                    getattr(mod, "to_device", None) or _identity)
 
 
+def _from_kernel_module(name: str, mod: ModuleType) -> Kernels:
+    """A Numba kernel module as a backend: the kernels take the lattice and decode
+    tables as arguments (``numba_kernels`` imports numpy and numba only), so the
+    reference builds them here; a module without its own ``error_sum`` decodes
+    with its kernel and sums on the host as the reference does."""
+    from . import quant_primitives as qp
+
+    def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols):
+        k, lut_x, lut_y = qp.trial_tables(U, box_size, cx, cy, rho)
+        return mod.encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols, k, lut_x, lut_y)
+
+    def error_sum(theta, lut_x, lut_y, px, py, pad_cols):
+        dx, dy = mod.decode_points(theta, lut_x, lut_y)
+        return qp.abs_error_sum(np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64), dx, dy,
+                                int(pad_cols))
+
+    return Kernels(name, encode_trial, mod.decode_points, mod.pack_bits, mod.unpack_bits,
+                   getattr(mod, "error_sum", None) or error_sum,
+                   getattr(mod, "radius_and_inner", None) or _reference_radius(),
+                   getattr(mod, "to_device", None) or _identity)
+
+
 def _identity(a):
     return a
 
@@ -82,7 +106,7 @@ def _numba_cpu() -> Kernels:
         mod = importlib.import_module("numba_kernels.cpu")
     except ImportError as exc:
         raise BackendUnavailableError(f"numba-cpu backend unavailable: {exc}") from exc
-    return _from_module(Backend.NUMBA_CPU.value, mod)
+    return _from_kernel_module(Backend.NUMBA_CPU.value, mod)
 
 
 def cuda_status() -> tuple[bool, str]:
@@ -98,7 +122,7 @@ def _numba_cuda() -> Kernels:
     ok, reason = cuda_status()
     if not ok:
         raise BackendUnavailableError(f"numba-cuda backend unavailable: {reason}")
-    return _from_module(Backend.NUMBA_CUDA.value, importlib.import_module("numba_kernels.cuda"))
+    return _from_kernel_module(Backend.NUMBA_CUDA.value, importlib.import_module("numba_kernels.cuda"))
 
 
 _cache: dict[Backend, ResolvedBackend] = {}
@@ -131,3 +155,14 @@ def resolve_backend(requested: str | Backend = Backend.AUTO) -> ResolvedBackend:
         log.info("codec backend %s (%s)", res.backend.value, res.reason)
     _cache[b] = res
     return res
+
+
+def warm_up(cuda: bool | None = None) -> dict:
+    """``birkhoff warmup``: compile or load every kernel signature
+    (:func:`numba_kernels.warmup.warm_up`), the codec's kernels called with the
+    reference's tables."""
+    from numba_kernels.warmup import warm_up as warm_kernels
+
+    from . import quant_primitives as qp
+
+    return warm_kernels(cuda=cuda, trial_tables=qp.trial_tables)

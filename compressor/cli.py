@@ -1,4 +1,8 @@
-"""The ``birkhoff`` command: compress, decompress, inspect, warmup (and eval, when installed)."""
+"""The codec's subcommands: compress, decompress, inspect, warmup.
+
+``python -m compressor.cli`` runs them on their own; the ``birkhoff`` command
+(:mod:`birkhoff.cli`) adds the layers above (``eval``) through ``main``'s
+``register_more``, so the codec never imports evaluation or the workflow."""
 
 from __future__ import annotations
 
@@ -225,7 +229,7 @@ def _add_warmup(sub) -> None:
 
 
 def _cmd_warmup(args) -> int:
-    from numba_kernels.warmup import warm_up
+    from .backends import warm_up
 
     try:
         res = warm_up(cuda={"auto": None, "yes": True, "no": False}[args.cuda])
@@ -240,7 +244,9 @@ def _cmd_warmup(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(register_more=()) -> argparse.ArgumentParser:
+    """The codec's subcommands, then each of ``register_more`` (a function that adds
+    its subcommands to the subparsers)."""
     parser = argparse.ArgumentParser(prog="birkhoff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,11 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decompress(sub)
     _add_inspect(sub)
     _add_warmup(sub)
-    try:  # evaluation lives in eval_jobs (it needs Ray and MLflow); optional here
-        from eval_jobs.cli import register
-    except ImportError as exc:
-        log.debug("eval subcommand unavailable: %s", exc)
-    else:
+    for register in register_more:
         register(sub)
     return parser
 
@@ -279,14 +281,14 @@ def _interrupted(exc: BaseException) -> bool:
     return _Interrupt.fired
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, register_more=()) -> int:
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread() \
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _Interrupt())
-    parser = build_parser()
+    parser = build_parser(register_more)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

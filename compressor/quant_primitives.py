@@ -295,6 +295,18 @@ def decode_lut(U, K, box_size, cx, cy, rho) -> tuple[np.ndarray, np.ndarray]:
     return lx, ly
 
 
+def trial_tables(U, box_size, cx, cy, rho) -> tuple[int, np.ndarray, np.ndarray]:
+    """What a kernel backend's ``encode_trial`` takes besides the points: the lattice
+    side ``k`` and the decode table (whose first ``U`` x's and first ``k`` y's are the
+    lattice coordinates). The kernels gather from these tables, never rebuild them."""
+    U = int(U)
+    rho = np.ascontiguousarray(rho, dtype=np.float64)
+    if rho.ndim != 1 or rho.shape[0] < 1:
+        raise ValueError(f"rho must be a 1-D array of K+1 radii, got shape {rho.shape}")
+    lx, ly = decode_lut(U, rho.shape[0] - 1, float(box_size), float(cx), float(cy), rho)
+    return lattice_side(U), np.ascontiguousarray(lx), np.ascontiguousarray(ly)
+
+
 def decode_points(theta, lut_x, lut_y):
     t = np.asarray(theta, dtype=np.int64)
     return lut_x[t], lut_y[t]

@@ -9,7 +9,9 @@ across, original / compressed / drop) as ``paper_table.md`` and
 ``paper_table.csv``; an MLflow run always gets both. When the original's
 weights are a random init (``birkhoff_weights.json``), the output says so: its
 mIoU, mAP and fidelity are noise.
-``compressor.cli`` calls ``register``; ``python -m eval_jobs`` runs it on its own.
+The top-level ``birkhoff`` CLI (:mod:`birkhoff.cli`) calls ``register`` with the
+workflow's source resolver; ``python -m eval_jobs`` runs it on its own (a recorded
+workflow source then needs ``--original``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(subparsers, resolve_source=None) -> argparse.ArgumentParser:
+    """Add ``eval``; ``resolve_source`` turns a recorded workflow source (``package:``,
+    ``demo:``, ``s3://``) into a local path (see :func:`eval_jobs.models.recorded_source`)."""
     p = subparsers.add_parser("eval", help="evaluate a compressed model against its original (mIoU, mAP, fidelity)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("compressed", metavar="COMPRESSED_DIR",
@@ -53,7 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="log to this MLflow tracking URI (default $MLFLOW_TRACKING_URI; not logged when unset)")
     p.add_argument("--parent-run-id", help="nest the MLflow run under this run (the model's compression run)")
     p.add_argument("--experiment", help="MLflow experiment when there is no parent run (default birkhoff-eval)")
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=run_cli, resolve_source=resolve_source)
     return p
 
 
@@ -64,7 +68,8 @@ def run_cli(args: argparse.Namespace) -> int:
     specs = unique_names([DatasetSpec.parse(d) for d in args.dataset])
     cfg = EvalConfig(prompts=args.prompts, limit=args.limit, seed=args.seed, shards=args.shards,
                      device=args.device, max_prompts=args.max_prompts)
-    model = model_under_test(args.compressed, specs, original=args.original)
+    model = model_under_test(args.compressed, specs, original=args.original,
+                             resolve_source=getattr(args, "resolve_source", None))
     executor = args.executor or ("ray" if args.ray_address else "local")
     results = run_eval([model], cfg, executor=executor, ray_address=args.ray_address)[0]
     if not results.fidelity_meaningful:

@@ -33,6 +33,9 @@ from .prompts import PromptBatch
 log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[str], "tuple[Any, Any]"]
+# A recorded workflow source (package:, demo:, s3://...) -> a local path or Hub id: the
+# zoo's resolver, injected by the layer above (evaluation never imports the workflow).
+SourceResolver = Callable[[str], str]
 SUPPORTED = ("sam", "sam_hq", "sam2")
 MANIFEST = "manifest.json"
 
@@ -42,8 +45,13 @@ def is_compressed_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def recorded_source(compressed_dir: str | Path) -> str:
-    """The original's location recorded by the compressor (``manifest["source"]["uri"]``)."""
+def recorded_source(compressed_dir: str | Path, resolve: SourceResolver | None = None) -> str:
+    """The original's location recorded by the compressor (``manifest["source"]["uri"]``).
+
+    A workflow-made checkpoint records its zoo source (``package:``, ``demo:``,
+    ``s3://``...): ``resolve`` (``workflows.zoo.resolve_source``, passed in by
+    ``birkhoff eval`` and the workflow) turns it into a local directory or a Hub id.
+    ``hf://`` and ``file://`` need no resolver."""
     p = Path(compressed_dir) / MANIFEST
     try:
         uri = json.loads(p.read_text())["source"]["uri"]
@@ -53,22 +61,27 @@ def recorded_source(compressed_dir: str | Path) -> str:
         raise ModelLoadError(f"{p} records no source uri (manifest['source']['uri']); pass --original") from exc
     if not isinstance(uri, str) or not uri:
         raise ModelLoadError(f"{p} records no source uri; pass --original")
-    if uri.startswith(_ZOO_SCHEMES):
-        # a workflow-made checkpoint records its zoo source (demo:, package:, s3://, ...):
-        # resolve it the way the workflow did, to a local directory or a Hub id
-        from workflows.zoo import resolve_source
+    if uri.startswith("hf://"):  # transformers takes the bare Hub id (and revision)
+        return uri[len("hf://"):].partition("@")[0]
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
 
+        return unquote(urlsplit(uri).path)
+    if uri.startswith(_ZOO_SCHEMES):
+        if resolve is None:
+            raise ModelLoadError(f"{p} records the workflow source {uri!r} and no source resolver was given; "
+                                 f"pass --original")
         try:
-            resolved = resolve_source(uri)
+            resolved = resolve(uri)
         except Exception as exc:
             raise ModelLoadError(f"{p}: cannot resolve the recorded source {uri!r}: {exc}; pass --original") from exc
-        if resolved.startswith("hf://"):  # transformers takes the bare Hub id (and revision)
+        if resolved.startswith("hf://"):
             resolved = resolved[len("hf://"):].partition("@")[0]
         return resolved
     return uri
 
 
-_ZOO_SCHEMES = ("package:", "demo:", "s3://", "hf://", "file://")
+_ZOO_SCHEMES = ("package:", "demo:", "s3://")
 
 
 def _model_type(path: Path) -> str:

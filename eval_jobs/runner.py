@@ -27,7 +27,7 @@ from .datasets import Dataset, DatasetSpec, ImageEntry, decode_masks, load_datas
 from .errors import DatasetSpecError
 from .lvis_ap import load_lvis, lvis_mask_ap
 from .metrics import batch_iou, coco_mask_ap, exact_mean, load_coco, segm_results
-from .models import ModelLoader, SamPredictor, default_loader, is_compressed_dir, recorded_source
+from .models import ModelLoader, SamPredictor, SourceResolver, default_loader, is_compressed_dir, recorded_source
 from .prompts import ALL_PROMPTS, PromptBatch, PromptType, build_prompts, parse_prompts, xywh_to_xyxy
 from .provenance import RANDOM_INIT_NOTE, weights_kind
 
@@ -98,10 +98,11 @@ class ModelUnderTest:
 
 
 def model_under_test(compressed: str, datasets: Sequence[DatasetSpec], original: str | None = None,
-                     name: str = "") -> ModelUnderTest:
-    """The original defaults to the source recorded in the compressed directory."""
+                     name: str = "", resolve_source: SourceResolver | None = None) -> ModelUnderTest:
+    """The original defaults to the source recorded in the compressed directory
+    (a workflow source through ``resolve_source``: see :func:`models.recorded_source`)."""
     if original is None:
-        original = recorded_source(compressed) if is_compressed_dir(compressed) else compressed
+        original = recorded_source(compressed, resolve_source) if is_compressed_dir(compressed) else compressed
     return ModelUnderTest(str(compressed), str(original), tuple(datasets), name)
 
 
@@ -411,14 +412,15 @@ def run_eval(models: Sequence[ModelUnderTest], cfg: EvalConfig = EvalConfig(), *
 def evaluate_compressed(compressed_dir: str, datasets: Sequence[str | DatasetSpec], *, original: str | None = None,
                         config: EvalConfig = EvalConfig(), executor: str = "ray", ray_address: str | None = None,
                         parent_run_id: str | None = None, tracking_uri: str | None = None,
-                        name: str = "") -> tuple[EvalResults, str | None]:
+                        name: str = "", resolve_source: SourceResolver | None = None,
+                        ) -> tuple[EvalResults, str | None]:
     """The workflow's entry point: evaluate one compressed model on the datasets its zoo entry
     lists (``"FORMAT:ANNOTATIONS:IMAGES"`` strings or specs) and, when ``parent_run_id`` or
     ``tracking_uri`` is given, log a nested MLflow run. Returns (results, run id or None)."""
     from .datasets import unique_names
 
     specs = unique_names([d if isinstance(d, DatasetSpec) else DatasetSpec.parse(d) for d in datasets])
-    model = model_under_test(compressed_dir, specs, original=original, name=name)
+    model = model_under_test(compressed_dir, specs, original=original, name=name, resolve_source=resolve_source)
     results = run_eval([model], config, executor=executor, ray_address=ray_address)[0]
     run_id = None
     if parent_run_id or tracking_uri:

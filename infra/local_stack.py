@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workflows.local_services import MlflowServer, SeaweedFS, pid_alive, stop_pid  # noqa: E402
+from workflows.local_services import MlflowServer, SeaweedFS, stop_pid  # noqa: E402
+from workflows.processes import pid_alive  # noqa: E402
 
 
 def _paths(base: Path):

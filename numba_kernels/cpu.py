@@ -1,11 +1,13 @@
 """Numba CPU kernels of the Hyper-Compression codec.
 
-Same functions and signatures as :mod:`compressor.quant_primitives` (the
-reference), so :mod:`compressor.backends` uses this module as a backend. Every
+The functions of :mod:`compressor.quant_primitives` (the reference), with the
+lattice and decode tables as arguments: this package imports numpy and numba
+only, and :mod:`compressor.backends` builds the tables with the reference's own
+NumPy builders (``quant_primitives.trial_tables``) and passes them in. Every
 result is bit-identical to the reference:
 
-* the lattice coordinates and the decode table come from the reference's own
-  NumPy builders (``decode_lut``), so the kernels only gather them;
+* the lattice coordinates and the decode table are the caller's (the
+  reference's), so the kernels only gather them;
 * the per-point float64 arithmetic (offsets, radius, scaling, squared distance,
   absolute error) follows the reference's canonical operation order, without
   ``fastmath`` (which would allow reassociation and FMA contraction);
@@ -32,10 +34,9 @@ import math
 import numpy as np
 from numba import njit
 
-from compressor import quant_primitives as qp
-
 from . import bitpack
-from .host import check_U as _check_U, check_points, f64 as _f64, n_real_y, pack_args, trial_tables, unpack_args
+from .host import (check_points, f64 as _f64, lattice_args, n_real_y, pack_args, packed_nbytes, trial_tables,
+                   unpack_args)
 from .threads import claim, run_chunks
 
 # Points per work item: large enough that claiming one costs nothing (an atomic
@@ -251,26 +252,26 @@ def _unpack_kernel(buf, n, bits, out, next_chunk):
 
 # -- host wrappers (the backend API) --------------------------------------------
 
-def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
-    """Index of the nearest lattice point for every point (= ``nearest_bruteforce``)."""
-    U = _check_U(U)
+def nearest(qx, qy, U, box_size, cx, cy, k, tx, ty) -> np.ndarray:
+    """Index of the nearest lattice point for every point (= ``nearest_bruteforce``);
+    ``k, tx, ty``: the lattice side and coordinates (``quant_primitives.lattice_points``)."""
     qx = _f64(qx)
     qy = _f64(qy)
     if qx.shape != qy.shape or qx.ndim != 1:
         raise ValueError(f"qx, qy must be 1-D of equal length, got {qx.shape} and {qy.shape}")
-    k = qp.lattice_side(U)
-    tx, ty = qp.lattice_points(U, float(box_size), float(cx), float(cy))
+    U, k, tx, ty = lattice_args(U, k, tx, ty)
     out = np.empty(qx.shape[0], dtype=np.int64)
-    run_chunks(_nearest_kernel, _chunks(qx.shape[0]), qx, qy, float(cx), float(cy), float(box_size), k, U, tx,
-               np.ascontiguousarray(ty[:k]), out)
+    run_chunks(_nearest_kernel, _chunks(qx.shape[0]), qx, qy, float(cx), float(cy), float(box_size), k, U, tx, ty,
+               out)
     return out
 
 
-def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:
-    """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors."""
+def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols, k, lut_x, lut_y) -> tuple[np.ndarray, float]:
+    """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors;
+    ``k, lut_x, lut_y``: the lattice side and decode table (``quant_primitives.trial_tables``)."""
     px, py, pad_cols = check_points(px, py, pad_cols)
-    U = _check_U(U)
-    k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, cx, cy, rho)
+    k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, rho, k, lut_x, lut_y)
+    U = int(U)
     n = px.shape[0]
     theta = np.empty(n, dtype=np.uint32)
     ax = np.empty(n, dtype=np.float64)
@@ -361,7 +362,7 @@ def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
 def pack_bits(theta, bits) -> np.ndarray:
     """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
     theta, bits = pack_args(theta, bits)
-    out = np.empty(qp.packed_nbytes(theta.shape[0], bits), dtype=np.uint8)
+    out = np.empty(packed_nbytes(theta.shape[0], bits), dtype=np.uint8)
     run_chunks(_pack_kernel, _chunks((theta.shape[0] + 7) // 8, _GROUP_CHUNK), theta, bits, out)
     return out
 

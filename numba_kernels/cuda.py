@@ -1,7 +1,8 @@
 """Numba-CUDA kernels of the Hyper-Compression codec.
 
-Same functions and signatures as :mod:`compressor.quant_primitives` (host NumPy
-arrays in and out), and the same results bit for bit as the reference and
+The functions of :mod:`compressor.quant_primitives` with the lattice and decode
+tables as arguments, as in :mod:`numba_kernels.cpu` (host NumPy arrays in and
+out), and the same results bit for bit as the reference and
 :mod:`numba_kernels.cpu`, so a checkpoint does not depend on the backend that
 wrote it:
 
@@ -12,9 +13,12 @@ wrote it:
   and ``cuda.jit`` has no switch for it (numba-cuda 0.30, ``cudadrv/nvvm.py``
   ``compile_ir``). So every product that feeds a sum goes through
   ``libdevice.dmul_rn`` (PTX ``mul.rn.f64``), which is never fused;
-* lattice coordinates and the decode table are the reference's NumPy tables;
+* lattice coordinates and the decode table are the reference's NumPy tables,
+  passed in by the caller;
 * each point's absolute errors come back to the host and are summed there with
-  NumPy, as the reference does, so the error sum is the reference's too.
+  NumPy, as the reference does, so the error sum is the reference's too (the
+  backend's ``error_sum`` is :func:`decode_points` followed by the reference's
+  sums, composed in :mod:`compressor.backends`).
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in the simulator (tests),
 but :func:`is_available` says False so that ``auto`` never picks it.
@@ -27,10 +31,9 @@ import math
 import numpy as np
 from numba.core import config as _numba_config
 
-from compressor import quant_primitives as qp
-
 from . import bitpack
-from .host import check_U as _check_U, check_points, f64 as _f64, n_real_y, pack_args, trial_tables, unpack_args
+from .host import (check_points, f64 as _f64, lattice_args, n_real_y, pack_args, packed_nbytes, trial_tables,
+                   unpack_args)
 
 from ._compat import import_cuda
 
@@ -218,22 +221,21 @@ def _launch(n_items: int) -> tuple[int, int]:
     return max(1, min(_MAX_BLOCKS, (n_items + _BLOCK - 1) // _BLOCK)), _BLOCK
 
 
-def nearest(qx, qy, U, box_size, cx, cy) -> np.ndarray:
-    """Index of the nearest lattice point for every point (= ``nearest_bruteforce``)."""
-    U = _check_U(U)
+def nearest(qx, qy, U, box_size, cx, cy, k, tx, ty) -> np.ndarray:
+    """Index of the nearest lattice point for every point (= ``nearest_bruteforce``);
+    ``k, tx, ty``: the lattice side and coordinates (``quant_primitives.lattice_points``)."""
     qx = _f64(qx)
     qy = _f64(qy)
     if qx.shape != qy.shape or qx.ndim != 1:
         raise ValueError(f"qx, qy must be 1-D of equal length, got {qx.shape} and {qy.shape}")
-    k = qp.lattice_side(U)
-    tx, ty = qp.lattice_points(U, float(box_size), float(cx), float(cy))
+    U, k, tx, ty = lattice_args(U, k, tx, ty)
     n = qx.shape[0]
     if n == 0:
         return np.empty(0, dtype=np.int64)
     d_out = cuda.device_array(n, dtype=np.int64)
     grid, block = _launch(n)
     _nearest_kernel[grid, block](cuda.to_device(qx), cuda.to_device(qy), float(cx), float(cy), float(box_size),
-                                 k, U, cuda.to_device(tx), cuda.to_device(np.ascontiguousarray(ty[:k])), d_out)
+                                 k, U, cuda.to_device(tx), cuda.to_device(ty), d_out)
     return d_out.copy_to_host()
 
 
@@ -256,11 +258,12 @@ def _points_on_device(px, py, pad_cols):
     return cuda.to_device(px), cuda.to_device(py), pad_cols
 
 
-def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols) -> tuple[np.ndarray, float]:
-    """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors."""
+def encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols, k, lut_x, lut_y) -> tuple[np.ndarray, float]:
+    """One ``(U, K)`` trial: ``theta`` (uint32) and the float64 sum of absolute errors;
+    ``k, lut_x, lut_y``: the lattice side and decode table (``quant_primitives.trial_tables``)."""
     d_px, d_py, pad_cols = _points_on_device(px, py, pad_cols)
-    U = _check_U(U)
-    k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, cx, cy, rho)
+    k, rho, scale, lut_x, lut_y = trial_tables(U, box_size, rho, k, lut_x, lut_y)
+    U = int(U)
     half = float(box_size) * 0.5
     n = d_px.shape[0]
     n_y = n_real_y(n, pad_cols)
@@ -303,16 +306,10 @@ def decode_points(theta, lut_x, lut_y) -> tuple[np.ndarray, np.ndarray]:
     return d_x.copy_to_host(), d_y.copy_to_host()
 
 
-def error_sum(theta, lut_x, lut_y, px, py, pad_cols) -> float:
-    """Decode on the GPU, then the reference's host-side sums (bit-identical to it)."""
-    dx, dy = decode_points(theta, lut_x, lut_y)
-    return qp.abs_error_sum(np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64), dx, dy, int(pad_cols))
-
-
 def pack_bits(theta, bits) -> np.ndarray:
     """LSB-first bit stream of ``bits`` bits per value (only the low ``bits`` bits are kept)."""
     theta, bits = pack_args(theta, bits)
-    nbytes = qp.packed_nbytes(theta.shape[0], bits)
+    nbytes = packed_nbytes(theta.shape[0], bits)
     if nbytes == 0:
         return np.zeros(0, dtype=np.uint8)
     d_out = cuda.device_array(nbytes, dtype=np.uint8)

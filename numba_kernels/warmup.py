@@ -42,27 +42,29 @@ def compile_counts(modules=None) -> dict:
     return {"signatures": sigs, "compiled": compiled, "loaded_from_cache": loaded}
 
 
-def _codec_calls(k) -> None:
-    """The codec backend API on every index dtype it is called with."""
-    from compressor import quant_primitives as qp
-
+def _codec_calls(k, trial_tables) -> None:
+    """The codec kernels on every index dtype they are called with. ``trial_tables``
+    builds ``(k, lut_x, lut_y)`` (``compressor.quant_primitives.trial_tables``): the
+    kernels take their tables as arguments."""
     rng = np.random.default_rng(0)
     px = 0.02 * rng.standard_normal(300)
     py = 0.02 * rng.standard_normal(300)
-    rho = qp.class_radii(0.08, 0.1, 2)
+    rho = np.array([0.05, 0.065, 0.08])  # K = 2 class radii of a 0.1 box
+    side, lx, ly = trial_tables(1600, 0.1, 0.0, 0.0, rho)
     to_device = getattr(k, "to_device", None) or (lambda a: a)
-    theta, _ = k.encode_trial(to_device(px), to_device(py), 0.0, 0.0, 0.1, 1600, rho, 7)
-    lx, ly = qp.decode_lut(1600, 2, 0.1, 0.0, 0.0, rho)
+    theta, _ = k.encode_trial(to_device(px), to_device(py), 0.0, 0.0, 0.1, 1600, rho, 7, side, lx, ly)
     for dt in (np.uint16, np.uint32, np.int64):
         k.decode_points(theta.astype(dt), lx, ly)
     for dt in (np.uint16, np.uint32):
-        k.error_sum(theta.astype(dt), lx, ly, px, py, 7)
+        if hasattr(k, "error_sum"):
+            k.error_sum(theta.astype(dt), lx, ly, px, py, 7)
         packed = k.pack_bits(theta.astype(dt), 13)
         k.unpack_bits(packed, theta.size, 13)
     if hasattr(k, "radius_and_inner"):
         k.radius_and_inner(px, py, 0.0, 0.0, 0.1)
     if hasattr(k, "nearest"):
-        k.nearest(px, py, 1600, 0.1, 0.0, 0.0)
+        # the decode table's first U x's and first k y's are the lattice coordinates
+        k.nearest(px, py, 1600, 0.1, 0.0, 0.0, side, lx[:1600], ly[:side])
 
 
 def _hyperlinear_cpu_calls(k) -> None:
@@ -79,14 +81,16 @@ def _hyperlinear_cpu_calls(k) -> None:
         k.fused_rows(x, theta, table, np.zeros(4, np.float32), np.empty((2, 4), np.float32), 0, 4)
 
 
-def warm_up(cuda: bool | None = None) -> dict:
+def warm_up(cuda: bool | None = None, *, trial_tables) -> dict:
     """Compile or load every CPU kernel (and the CUDA codec kernels when ``cuda`` is
-    True, or None and a real GPU is usable). Returns what happened: seconds,
-    cache folder, signatures compiled and loaded from the cache."""
+    True, or None and a real GPU is usable). ``trial_tables``: the codec's table
+    builder (see :func:`_codec_calls`; ``compressor.backends.warm_up`` passes the
+    reference's). Returns what happened: seconds, cache folder, signatures compiled
+    and loaded from the cache."""
     t0 = time.perf_counter()
     from . import cache, cpu, hyperlinear_cpu
 
-    _codec_calls(cpu)
+    _codec_calls(cpu, trial_tables)
     _hyperlinear_cpu_calls(hyperlinear_cpu)
     mods = [cpu, hyperlinear_cpu]
     result: dict = {"cache_dir": str(cache.cache_dir()), "cuda": "skipped"}
@@ -100,7 +104,7 @@ def warm_up(cuda: bool | None = None) -> dict:
         if ok:
             # the codec's kernels (cache=True); HyperLinear's CUDA kernels are not cached
             # by numba-cuda here and compile in each process on first use
-            _codec_calls(cuda_kernels)
+            _codec_calls(cuda_kernels, trial_tables)
             mods.append(cuda_kernels)
             result["cuda"] = "compiled"
         elif cuda:

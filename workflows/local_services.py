@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 
@@ -62,21 +64,6 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, 
                 return
         time.sleep(0.2)
     raise TimeoutError(f"{what} did not listen on port {port} within {timeout:.0f} s")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child still "exists": look at its state
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def stop_pid(pid: int, timeout: float = 15.0, *, sig=signal.SIGTERM) -> None:

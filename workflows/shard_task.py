@@ -66,7 +66,7 @@ def warm_worker() -> dict:
 
     res: dict = {}
     try:
-        from numba_kernels.warmup import warm_up
+        from compressor.backends import warm_up
     except ImportError:  # the reference backend needs no numba
         pass
     else:

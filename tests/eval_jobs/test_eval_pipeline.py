@@ -161,7 +161,7 @@ def test_cli_json_and_mlflow_nested_run(work, tmp_path):
 
 
 def test_birkhoff_eval_subcommand_and_errors(work, capsys, tmp_path):
-    from compressor.cli import main
+    from birkhoff.cli import main
 
     syn = work["syn"]
     rc = main(["eval", str(work["sam"][1]), "--dataset", syn.spec("coco"), "--limit", "1", "--prompts", "box",

@@ -65,3 +65,16 @@ def into_box(px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lim = 0.9 * BOX * 0.5
     cx, cy = px.mean(), py.mean()
     return cx + np.clip(px - cx, -lim, lim), cy + np.clip(py - cy, -lim, lim)
+
+
+def encode_trial(mod, px, py, cx, cy, box_size, U, rho, pad_cols):
+    """A kernel module's ``encode_trial`` with the reference's tables (the kernels
+    take them as arguments; ``compressor.backends`` passes them the same way)."""
+    k, lut_x, lut_y = qp.trial_tables(U, box_size, cx, cy, rho)
+    return mod.encode_trial(px, py, cx, cy, box_size, U, rho, pad_cols, k, lut_x, lut_y)
+
+
+def nearest(mod, qx, qy, U, box_size, cx, cy):
+    """A kernel module's ``nearest`` with the reference's lattice."""
+    tx, ty = qp.lattice_points(U, box_size, cx, cy)
+    return mod.nearest(qx, qy, U, box_size, cx, cy, qp.lattice_side(U), tx, ty)

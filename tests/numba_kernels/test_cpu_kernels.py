@@ -22,7 +22,7 @@ def test_nearest_equals_bruteforce(U):
     rng = np.random.default_rng(U)
     cx, cy = 0.0123, -0.0071
     qx, qy = cases.hard_points(U, cx, cy, rng, n_random=3000)
-    got = cpu.nearest(qx, qy, U, cases.BOX, cx, cy)
+    got = cases.nearest(cpu, qx, qy, U, cases.BOX, cx, cy)
     want = qp.nearest_bruteforce(qx, qy, U, cases.BOX, cx, cy)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, want)
@@ -32,7 +32,7 @@ def test_nearest_equals_bruteforce(U):
 def test_nearest_tiny_lattices(U):
     rng = np.random.default_rng(100 + U)
     qx, qy = cases.hard_points(U, 0.0, 0.0, rng, n_random=500)
-    np.testing.assert_array_equal(cpu.nearest(qx, qy, U, cases.BOX, 0.0, 0.0),
+    np.testing.assert_array_equal(cases.nearest(cpu, qx, qy, U, cases.BOX, 0.0, 0.0),
                                   qp.nearest_bruteforce(qx, qy, U, cases.BOX, 0.0, 0.0))
 
 
@@ -49,7 +49,7 @@ def test_encode_trial_equals_reference(U, K):
     assert geo.all_inner == (K == 0)
     rho = qp.class_radii(geo.R, cases.BOX, K)
     want_theta, want_err = qp.encode_trial(px, py, geo.cx, geo.cy, cases.BOX, U, rho, pts.pad_cols)
-    theta, err = cpu.encode_trial(px, py, geo.cx, geo.cy, cases.BOX, U, rho, pts.pad_cols)
+    theta, err = cases.encode_trial(cpu, px, py, geo.cx, geo.cy, cases.BOX, U, rho, pts.pad_cols)
     assert theta.dtype == np.uint32
     np.testing.assert_array_equal(theta, want_theta)
     assert isinstance(err, float)
@@ -69,7 +69,7 @@ def test_encode_trial_padding_is_excluded(kind):
     py[~mask] += 0.07  # padded y's far from any lattice point: counting them would show
     geo = qp.point_geometry(pts.px, py, cases.BOX)
     rho = qp.class_radii(geo.R, cases.BOX, 2)
-    theta, err = cpu.encode_trial(pts.px, py, geo.cx, geo.cy, cases.BOX, 1600, rho, pts.pad_cols)
+    theta, err = cases.encode_trial(cpu, pts.px, py, geo.cx, geo.cy, cases.BOX, 1600, rho, pts.pad_cols)
     lx, ly = qp.decode_lut(1600, 2, cases.BOX, geo.cx, geo.cy, rho)
     ey = np.abs(py - ly[theta])
     expect = np.abs(pts.px - lx[theta]).sum() + ey[mask].sum()
@@ -86,11 +86,11 @@ def test_encode_trial_all_inner_and_empty():
     geo = qp.point_geometry(px, py, cases.BOX)
     assert geo.all_inner
     rho = qp.class_radii(geo.R, cases.BOX, 0)
-    t, e = cpu.encode_trial(px, py, geo.cx, geo.cy, cases.BOX, 1600, rho, 0)
+    t, e = cases.encode_trial(cpu, px, py, geo.cx, geo.cy, cases.BOX, 1600, rho, 0)
     t0, e0 = qp.encode_trial(px, py, geo.cx, geo.cy, cases.BOX, 1600, rho, 0)
     np.testing.assert_array_equal(t, t0)
     assert e == e0
-    t, e = cpu.encode_trial(np.empty(0), np.empty(0), 0.0, 0.0, cases.BOX, 1600, rho, 0)
+    t, e = cases.encode_trial(cpu, np.empty(0), np.empty(0), 0.0, 0.0, cases.BOX, 1600, rho, 0)
     assert t.shape == (0,) and e == 0.0
 
 
@@ -104,7 +104,7 @@ def test_encode_trial_k0_with_outer_points_is_exact(U):
     geo = qp.point_geometry(pts.px, pts.py, cases.BOX)
     assert not geo.all_inner
     rho = qp.class_radii(geo.R, cases.BOX, 0)
-    theta, err = cpu.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, U, rho, 0)
+    theta, err = cases.encode_trial(cpu, pts.px, pts.py, geo.cx, geo.cy, cases.BOX, U, rho, 0)
     want = qp.nearest_bruteforce(pts.px, pts.py, U, cases.BOX, geo.cx, geo.cy)
     np.testing.assert_array_equal(theta, want)
     tx, ty = qp.lattice_points(U, cases.BOX, geo.cx, geo.cy)
@@ -131,13 +131,13 @@ def test_every_kernel_is_independent_of_thread_count(codec_threads):
     results = []
     for n in (1, 2, 3):
         codec_threads(n)
-        theta, err = cpu.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 2500, rho, pts.pad_cols)
+        theta, err = cases.encode_trial(cpu, pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 2500, rho, pts.pad_cols)
         x, y = cpu.decode_points(theta, lx, ly)
         packed = cpu.pack_bits(theta, 14)
         results.append((theta, err, x, y, packed, cpu.unpack_bits(packed, theta.size, 14),
                         cpu.error_sum(theta, lx, ly, pts.px, pts.py, pts.pad_cols),
                         cpu.radius_and_inner(pts.px, pts.py, geo.cx, geo.cy, cases.BOX),
-                        cpu.nearest(pts.px, pts.py, 2500, cases.BOX, geo.cx, geo.cy)))
+                        cases.nearest(cpu, pts.px, pts.py, 2500, cases.BOX, geo.cx, geo.cy)))
     np.testing.assert_array_equal(results[0][0], want_theta)
     assert results[0][1] == want_err
     for r in results[1:]:
@@ -184,12 +184,20 @@ def test_run_chunks_reraises_a_kernel_error(codec_threads):
 
 def test_encode_trial_rejects_bad_input():
     rho = qp.class_radii(1.0, cases.BOX, 1)
+    k, lx, ly = qp.trial_tables(1600, cases.BOX, 0.0, 0.0, rho)
     with pytest.raises(ValueError, match="equal length"):
-        cpu.encode_trial(np.zeros(3), np.zeros(4), 0.0, 0.0, cases.BOX, 1600, rho, 0)
+        cpu.encode_trial(np.zeros(3), np.zeros(4), 0.0, 0.0, cases.BOX, 1600, rho, 0, k, lx, ly)
     with pytest.raises(ValueError, match="U must be"):
-        cpu.encode_trial(np.zeros(3), np.zeros(3), 0.0, 0.0, cases.BOX, 0, rho, 0)
+        cpu.encode_trial(np.zeros(3), np.zeros(3), 0.0, 0.0, cases.BOX, 0, rho, 0, k, lx, ly)
     with pytest.raises(ValueError, match="uint32"):
-        cpu.encode_trial(np.zeros(3), np.zeros(3), 0.0, 0.0, cases.BOX, 1 << 32, rho, 0)
+        cpu.encode_trial(np.zeros(3), np.zeros(3), 0.0, 0.0, cases.BOX, 1 << 32, rho, 0, k, lx, ly)
+    # the caller's tables are checked against U and K, never trusted
+    with pytest.raises(ValueError, match="lattice side"):
+        cpu.encode_trial(np.zeros(3), np.zeros(3), 0.0, 0.0, cases.BOX, 1600, rho, 0, k + 1, lx, ly)
+    with pytest.raises(ValueError, match="decode tables"):
+        cpu.encode_trial(np.zeros(3), np.zeros(3), 0.0, 0.0, cases.BOX, 1600, rho, 0, k, lx[:-1], ly[:-1])
+    with pytest.raises(ValueError, match="lattice coordinates"):
+        cpu.nearest(np.zeros(3), np.zeros(3), 1600, cases.BOX, 0.0, 0.0, k, lx[:100], ly)
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int64, np.int32])

@@ -45,7 +45,7 @@ def test_nearest_equals_bruteforce(U):
     qx, qy = cases.hard_points(U, cx, cy, rng, n_random=N_POINTS // 2)
     sel = rng.choice(qx.shape[0], size=min(qx.shape[0], N_POINTS), replace=False)
     qx, qy = qx[sel], qy[sel]
-    np.testing.assert_array_equal(ck.nearest(qx, qy, U, cases.BOX, cx, cy),
+    np.testing.assert_array_equal(cases.nearest(ck, qx, qy, U, cases.BOX, cx, cy),
                                   qp.nearest_bruteforce(qx, qy, U, cases.BOX, cx, cy))
 
 
@@ -61,7 +61,7 @@ def test_encode_trial_equals_reference(U, K):
     geo = qp.point_geometry(px, py, cases.BOX)
     rho = qp.class_radii(geo.R, cases.BOX, K)
     want_theta, want_err = qp.encode_trial(px, py, geo.cx, geo.cy, cases.BOX, U, rho, pts.pad_cols)
-    theta, err = ck.encode_trial(px, py, geo.cx, geo.cy, cases.BOX, U, rho, pts.pad_cols)
+    theta, err = cases.encode_trial(ck, px, py, geo.cx, geo.cy, cases.BOX, U, rho, pts.pad_cols)
     assert theta.dtype == np.uint32
     np.testing.assert_array_equal(theta, want_theta)
     assert isinstance(err, float) and err == want_err
@@ -73,8 +73,8 @@ def test_encode_trial_equals_cpu_backend():
     pts = cases.point_set("rows-odd", N_POINTS, rng)
     geo = qp.point_geometry(pts.px, pts.py, cases.BOX)
     rho = qp.class_radii(geo.R, cases.BOX, 3)
-    a = ck.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 1600, rho, pts.pad_cols)
-    b = cpu.encode_trial(pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 1600, rho, pts.pad_cols)
+    a = cases.encode_trial(ck, pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 1600, rho, pts.pad_cols)
+    b = cases.encode_trial(cpu, pts.px, pts.py, geo.cx, geo.cy, cases.BOX, 1600, rho, pts.pad_cols)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
 
@@ -114,7 +114,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="shorter"):
         ck.unpack_bits(np.zeros(3, np.uint8), 4, 7)
     with pytest.raises(ValueError, match="equal length"):
-        ck.encode_trial(np.zeros(3), np.zeros(4), 0.0, 0.0, cases.BOX, 1600, qp.class_radii(1.0, cases.BOX, 1), 0)
+        cases.encode_trial(ck, np.zeros(3), np.zeros(4), 0.0, 0.0, cases.BOX, 1600, qp.class_radii(1.0, cases.BOX, 1), 0)
 
 
 def test_encode_trial_takes_points_uploaded_once():
@@ -126,5 +126,5 @@ def test_encode_trial_takes_points_uploaded_once():
     ref = qp.encode_trial(px, py, geo.cx, geo.cy, 0.1, 100, rho, 5)
     dpx, dpy = ck.to_device(px), ck.to_device(py)
     for _ in range(2):
-        theta, err = ck.encode_trial(dpx, dpy, geo.cx, geo.cy, 0.1, 100, rho, 5)
+        theta, err = cases.encode_trial(ck, dpx, dpy, geo.cx, geo.cy, 0.1, 100, rho, 5)
         assert np.array_equal(theta, ref[0]) and err == ref[1]

@@ -68,7 +68,7 @@ def _main_job(tmp: Path, *args, env=None) -> subprocess.Popen:
 
 
 def test_embedded_default_ignores_a_stale_record_and_stays_on_loopback(private_tmp):
-    from numba_kernels.warmup import warm_up
+    from compressor.backends import warm_up
 
     tmp, dead = private_tmp
     warm_up(cuda=False)  # this machine's kernel cache, which the job's Ray workers must find
