@@ -25,9 +25,10 @@ import torch
 
 from . import destination as dest
 from . import format as fmt
-from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
-from .codec import CODEC_VERSION, DTYPE_NAMES, CompressedTensor, RawTensor, TensorEntry, compress_tensor
+from .checkpoint_writer import (CheckpointWriter, FolderSink, build_manifest, stored_nbytes, stored_tensor,
+                                write_extra_files)
+from .codec import CompressedTensor, RawTensor, TensorEntry, compress_tensor
 from .config import HyperCompressionConfig
 from .errors import CheckpointExistsError, ConfigError, DestinationError, FormatError, SourceError, _Located
 from .sources import CheckpointSource, open_source
@@ -38,7 +39,7 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 __all__ = ["CheckpointExistsError", "CompressedCheckpoint", "compress", "compress_tensors", "check_destination",
-           "replaceable_checkpoint", "directory_bytes", "build_manifest", "write_entries_shard"]
+           "replaceable_checkpoint", "directory_bytes", "build_manifest", "stored_tensor", "write_extra_files"]
 
 
 def replaceable_checkpoint(path) -> str | None:
@@ -124,57 +125,6 @@ def check_source_values(source: CheckpointSource, config: HyperCompressionConfig
         value_problem(name, tensor, config, file=index[name].file)
 
 
-def stored_tensor(entry: TensorEntry, kernels: Kernels | None = None) -> torch.Tensor:
-    """What a shard holds for an entry: the packed index stream, or the raw tensor."""
-    return fmt.stored_tensor(entry, (kernels or _kernels("auto")).pack_bits)
-
-
-def write_entries_shard(directory, filename: str, entries: Mapping[str, TensorEntry],
-                        kernels: Kernels | None = None) -> tuple[dict, dict[str, dict]]:
-    """Write one shard; return its record and the manifest entries of its tensors."""
-    stored = {n: stored_tensor(e, kernels) for n, e in entries.items()}
-    record = fmt.write_shard(directory, filename, stored)
-    return record, {n: fmt.manifest_entry(e, filename, stored[n]) for n, e in entries.items()}
-
-
-def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_meta: Mapping[str, dict],
-                   shard_records: Iterable[dict], extra_files: Mapping[str, dict]) -> dict:
-    from . import __version__
-
-    return {
-        "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
-        "producer": {"name": "birkhoff", "version": __version__},
-        "codec_version": CODEC_VERSION,
-        "config": config.to_dict(),
-        "source": dict(source_info),
-        "extra_files": dict(extra_files),
-        "shards": {r["file"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in shard_records},
-        "tensors": dict(tensor_meta),
-    }
-
-
-def write_extra_files(directory, extra: Mapping[str, "Path | bytes"], tensor_shards: Mapping[str, str]) -> dict:
-    """Write a checkpoint's extra files into ``directory``; returns the manifest's
-    ``extra_files`` records (bytes and sha256 of what was written).
-
-    ``extra``: the source's architecture, tokenizer and processor files (``name ->
-    path or bytes``); ``tensor_shards``: ``tensor -> shard file``. A Hugging Face
-    config gets its ``quantization_config``, its original copy and the weights
-    index (:func:`compressor.hf_files.checkpoint_files`).
-    """
-    from .hf_files import checkpoint_files
-
-    directory = Path(directory)
-    records = {}
-    for name, content in checkpoint_files(extra, tensor_shards).items():
-        if isinstance(content, (bytes, bytearray)):
-            records[name] = fmt.write_extra_bytes(bytes(content), directory, name)
-        else:
-            records[name] = fmt.copy_extra_file(Path(content), directory, name)
-    return records
-
-
 def directory_bytes(directory) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
@@ -215,20 +165,13 @@ class CompressedCheckpoint:
                                    f"{exc.strerror}", file=str(dst)) from None
         try:
             kernels = _kernels(backend)
-            stored = {n: stored_tensor(e, kernels) for n, e in self.entries.items()}
-            sizes = {n: t.numel() * t.element_size() for n, t in stored.items()}
-            plan = fmt.plan_shards(sizes, max_shard_bytes)
-            records, meta = [], {}
-            for shard_name, names in plan.items():
-                rec = fmt.write_shard(tmp, shard_name, {n: stored[n] for n in names})
-                records.append(rec)
-                for n in names:
-                    meta[n] = fmt.manifest_entry(self.entries[n], shard_name, stored[n])
-            meta = {n: meta[n] for n in self.entries}  # manifest in the source's tensor order
-            extras = write_extra_files(tmp, self.extra_files, {n: m["shard"] for n, m in meta.items()})
-            manifest = build_manifest(self.config, self.source_info, meta, records, extras)
-            fmt.write_manifest(tmp, manifest)
-            dest.publish_directory(tmp, dst, overwrite=overwrite, replaceable=replaceable_checkpoint)
+            writer = CheckpointWriter(tmp, FolderSink(dst, overwrite=overwrite, replaceable=replaceable_checkpoint),
+                                      kernels)
+            sizes = {n: stored_nbytes(e) for n, e in self.entries.items()}
+            for shard_name, names in fmt.plan_shards(sizes, max_shard_bytes).items():
+                writer.write_shard(shard_name, {n: self.entries[n] for n in names})
+            # manifest in the source's tensor order
+            manifest, _ = writer.finish(self.config, self.source_info, self.extra_files, list(self.entries))
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             dest.remove_created(made)
@@ -301,8 +244,7 @@ class CompressedCheckpoint:
                 "K": None if e.raw else e.K,
                 "bits": None if e.raw else e.bits,
                 "mae": float(e.mae),
-                "stored_bytes": e.numel * torch.empty((), dtype=DTYPE_NAMES[e.dtype]).element_size()
-                if e.raw else qp.packed_nbytes(e.n_points, e.bits),
+                "stored_bytes": stored_nbytes(e),
             })
         return rows
 

@@ -361,11 +361,10 @@ def _as_torch(name: str, t: torch.Tensor | np.ndarray) -> torch.Tensor:
 def write_shard(directory, filename: str, tensors: Mapping[str, torch.Tensor]) -> dict:
     """Write one safetensors shard atomically; returns ``{"file", "bytes", "sha256"}``.
 
-    The file is written under a temporary name in ``directory``, fsynced, hashed
-    and only then renamed, so a reader never sees a partial shard.
+    The file is written under a temporary name in ``directory``, hashed while it is
+    written (never read back), fsynced and only then renamed, so a reader never sees
+    a partial shard.
     """
-    from safetensors.torch import save_file
-
     directory = os.fspath(directory)
     if not is_plain_name(filename) or not filename.endswith(SHARD_SUFFIX):
         raise ConfigError(f"shard name {filename!r} must be a plain file name ending in {SHARD_SUFFIX}")
@@ -373,13 +372,44 @@ def write_shard(directory, filename: str, tensors: Mapping[str, torch.Tensor]) -
         raise ConfigError(f"{_SAFETENSORS_METADATA!r} is reserved by safetensors and cannot name a tensor")
     data = {name: _as_torch(name, t) for name, t in tensors.items()}
     with _atomic_file(directory, filename) as tmp:
-        save_file(data, tmp, metadata={"format": FORMAT_NAME})
-        # safetensors creates files 0600; shards are shared data like the manifest
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            nbytes, digest = _write_safetensors(f, data, {"format": FORMAT_NAME})
+            f.flush()
             os.fsync(f.fileno())
-        nbytes, digest = _hash_file(tmp)
+        # shards are shared data like the manifest
+        os.chmod(tmp, 0o666 & ~_umask())
     return {"file": filename, "bytes": nbytes, "sha256": digest}
+
+
+def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+    """Stream ``tensors`` to ``f`` in the safetensors layout (the order and header the
+    ``safetensors`` package writes: larger items first, then by name; the header padded
+    with spaces to 8 bytes), hashing every byte on its way out. Returns (bytes, sha256)."""
+    arrays = {n: _stored_array(t) for n, t in tensors.items()}
+    codes = {n: _STORED[TORCH_TO_NAME[t.dtype]][0] for n, t in tensors.items()}
+    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+    header: dict[str, Any] = {_SAFETENSORS_METADATA: dict(metadata)}
+    pos = 0
+    for n in order:
+        header[n] = {"dtype": codes[n], "shape": list(tensors[n].shape), "data_offsets": [pos, pos + arrays[n].nbytes]}
+        pos += arrays[n].nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    h = hashlib.sha256()
+    total = 0
+    for chunk in _safetensors_chunks(struct.pack("<Q", len(raw)) + raw, (arrays[n] for n in order)):
+        h.update(chunk)
+        f.write(chunk)
+        total += len(chunk)
+    return total, h.hexdigest()
+
+
+def _safetensors_chunks(head: bytes, arrays):
+    yield head
+    for a in arrays:
+        flat = memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+        for i in range(0, len(flat), _IO_CHUNK):
+            yield flat[i:i + _IO_CHUNK]
 
 
 def copy_extra_file(src_path, directory, name: str) -> dict:

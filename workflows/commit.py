@@ -132,6 +132,30 @@ class CommitOutcome:
     removed: list[str] = field(default_factory=list)
 
 
+class StoreSink:
+    """A ``compressor.checkpoint_writer.CheckpointSink`` for a store prefix: a shard is
+    uploaded as soon as it is written (by the Ray task that compressed it); the
+    commit (extra files, then the manifest) is :func:`commit_checkpoint`, under the
+    lease with conditional writes. ``seen``/``force``/``owned`` are that commit's;
+    a task that only uploads its shard leaves them out."""
+
+    def __init__(self, store: Store, prefix: str, *, seen: CheckpointState | None = None, force: bool = False,
+                 owned: Iterable[str] = (), lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
+                 orphan_age: float = ORPHAN_AGE_SECONDS):
+        self.store, self.prefix = store, prefix
+        self.seen, self.force, self.owned = seen, force, tuple(owned)
+        self.lease_seconds, self.orphan_age = lease_seconds, orphan_age
+
+    def put_shard(self, path: Path, record: dict) -> None:
+        self.store.put_file(self.prefix + record["file"], path, sha256=record["sha256"])
+
+    def commit(self, staged: Path, manifest: dict) -> "CommitOutcome":
+        if self.seen is None:
+            raise WorkflowError(f"{self.store.url(self.prefix)}: this sink uploads shards only; it cannot commit")
+        return commit_checkpoint(self.store, self.prefix, staged, manifest, seen=self.seen, force=self.force,
+                                 owned=self.owned, lease_seconds=self.lease_seconds, orphan_age=self.orphan_age)
+
+
 def commit_checkpoint(store: Store, prefix: str, staged: Path, manifest: dict, *, seen: CheckpointState,
                       force: bool, owned: Iterable[str], lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
                       orphan_age: float = ORPHAN_AGE_SECONDS) -> CommitOutcome:

@@ -464,7 +464,7 @@ class ModelRun:
         return out
 
     def _commit(self, src, source_hash, prefix, index, shards, results, params, seen, t0) -> ModelOutcome:
-        from compressor.checkpoint import build_manifest, write_extra_files
+        from compressor.checkpoint_writer import CheckpointWriter
 
         spec, store = self.spec, self.store
         meta: dict = {}
@@ -473,23 +473,23 @@ class ModelRun:
         missing = [i.name for i in index if i.name not in meta]
         if missing:
             raise WorkflowError(f"{spec.name}: {len(missing)} tensors missing after all shards ({missing[:3]})")
-        meta = {i.name: meta[i.name] for i in index}
         records = [results[s.index]["record"] for s in shards]
         source_info = src.describe()
         source_info.update({"uri": redact_uri(spec.source), "sha256": source_hash, "revision": spec.revision,
                             "zoo_model": spec.name})
         # this run's objects: its shards (new or resumed) and the resume records of its plan
         owned = {prefix + r["file"] for r in records} | {work_key(prefix, s.names_hash) for s in shards}
+        sink = commits.StoreSink(store, prefix, seen=seen, force=self.opts.force, owned=owned,
+                                 lease_seconds=self.opts.lease_seconds, orphan_age=self.opts.orphan_age)
         with tempfile.TemporaryDirectory(prefix="birkhoff-commit-") as d:
-            # the Hugging Face config gets its quantization_config and the weights index (compressor.hf_files);
+            # the shards are in the store already (the tasks wrote them through the same writer); the
+            # Hugging Face config gets its quantization_config and the weights index (compressor.hf_files);
             # commit_checkpoint uploads them (where they differ) under the lease, then the manifest
-            extras = write_extra_files(d, {f.name: f for f in src.extra_files},
-                                       {n: m["shard"] for n, m in meta.items()})
-            manifest = build_manifest(spec.config, source_info, meta, records, extras)
-            fmt.write_manifest(d, manifest)
-            done = commits.commit_checkpoint(store, prefix, Path(d), manifest, seen=seen, force=self.opts.force,
-                                             owned=owned, lease_seconds=self.opts.lease_seconds,
-                                             orphan_age=self.opts.orphan_age)
+            writer = CheckpointWriter(d, sink)
+            for s in shards:
+                writer.add_shard(results[s.index]["record"], results[s.index]["tensor_meta"])
+            manifest, done = writer.finish(spec.config, source_info, {f.name: f for f in src.extra_files},
+                                           [i.name for i in index])
         uri = store.url(prefix)
         if done.status == "lost":
             log.info("%s: a concurrent run committed %s first; its checkpoint stands, this run's extra objects "

@@ -17,7 +17,6 @@ import resource
 import socket
 import tempfile
 import time
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,15 @@ def _kernels_compiled() -> int:
 
 def run_shard(job: dict) -> dict:
     from compressor.backends import resolve_backend
-    from compressor.checkpoint import compress_tensors, write_entries_shard
+    from compressor.checkpoint import compress_tensors
+    from compressor.checkpoint_writer import CheckpointWriter
     from compressor.codec import CODEC_VERSION
     from compressor.config import HyperCompressionConfig
     from compressor.errors import SourceError
     from compressor.sources import open_source
 
     from . import redaction
+    from .commit import StoreSink
     from .sharding import SHARD_SUFFIX, shard_filename
     from .store import open_store
     from .zoo import resolve_source
@@ -124,16 +125,12 @@ def run_shard(job: dict) -> dict:
         "compress_seconds": float(timings.get("seconds", 0.0)),
     }
     with tempfile.TemporaryDirectory(prefix="birkhoff-shard-") as d:
-        staged = shard["stem"] + SHARD_SUFFIX
-        record, meta = write_entries_shard(d, staged, entries, backend.kernels)
-        del entries
-        # the name is known only once the bytes are: rename, and point the entries at it
-        filename = shard_filename(shard["stem"], record["sha256"])
-        os.replace(Path(d) / staged, Path(d) / filename)
-        record["file"] = filename
-        for m in meta.values():
-            m["shard"] = filename
-        store.put_file(job["prefix"] + filename, Path(d) / filename)
+        # the name carries the sha256 of the bytes, known once they are written
+        writer = CheckpointWriter(d, StoreSink(store, job["prefix"]), backend.kernels)
+        record, meta = writer.write_shard(shard["stem"] + SHARD_SUFFIX, entries,
+                                          name_from_sha256=lambda sha: shard_filename(shard["stem"], sha))
+        filename = record["file"]
+        del entries, writer
     stats.update({
         "wall_seconds": time.perf_counter() - t0,
         "peak_rss_bytes": peak_rss_bytes(),

@@ -115,10 +115,13 @@ class Store(ABC):
     uri: str
 
     @abstractmethod
-    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
+    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None,
+                 sha256: str | None = None) -> ObjectInfo:
         """Upload a file as ``key``, all or nothing. ``if_absent``: only where no object
         is; ``if_match``: only over the object whose :attr:`ObjectInfo.etag` is this.
-        A condition that fails raises :class:`ConditionFailedError`."""
+        A condition that fails raises :class:`ConditionFailedError`. ``sha256``: the
+        file's, when the caller hashed it while writing it (a checkpoint shard): it
+        is not hashed again, and the stored copy is checked against it."""
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
         import tempfile

@@ -80,19 +80,23 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
-    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
+    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None,
+                 sha256: str | None = None) -> ObjectInfo:
         if if_absent and if_match is not None:
             raise ValueError("if_absent and if_match exclude each other")
         dst = self._path(key)
         tmp = dst.with_name(f".{dst.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
-            want = file_sha256(path)
+            want = sha256 or file_sha256(path)
             dst.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()  # what is copied is hashed on its way
             with open(path, "rb") as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, _BLOCK)
+                for block in iter(lambda: src.read(_BLOCK), b""):
+                    h.update(block)
+                    out.write(block)
                 out.flush()
                 os.fsync(out.fileno())
-            got = file_sha256(tmp)
+            got = h.hexdigest()
             if got != want:
                 raise ChecksumMismatchError(f"{key}: sha256 after copy {got} != {want}", key=key)
             if if_absent:

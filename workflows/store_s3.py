@@ -134,21 +134,22 @@ class S3Store(Store):
                     raise
         self._call("create bucket", None, go)
 
-    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None) -> ObjectInfo:
+    def put_file(self, key: str, path, *, if_absent: bool = False, if_match: str | None = None,
+                 sha256: str | None = None) -> ObjectInfo:
         if if_absent and if_match is not None:
             raise ValueError("if_absent and if_match exclude each other")
         path = Path(path)
         size = path.stat().st_size
-        sha = file_sha256(path)
+        sha = sha256 or file_sha256(path)
         cond = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match is not None else {}
         etag_box: list[str] = []
 
         def attempt():
             try:
                 if size <= self.multipart_threshold:
-                    etag = self._put_single(key, path, cond)
+                    etag = self._put_single(key, path, cond, sha)
                 else:
-                    etag = self._put_multipart(key, path, size, cond)
+                    etag = self._put_multipart(key, path, size, cond, sha)
                 self._verify(key, size, sha, etag)
                 etag_box.append(etag)
             except Exception as exc:
@@ -165,19 +166,18 @@ class S3Store(Store):
         log.debug("uploaded %s (%d bytes, sha256 %s)", self.url(key), size, sha[:12])
         return ObjectInfo(key, size, sha, _quoted(etag_box[-1]) if etag_box else None, time.time())
 
-    def _put_single(self, key: str, path: Path, cond: dict) -> str:
+    def _put_single(self, key: str, path: Path, cond: dict, sha: str) -> str:
         data = path.read_bytes()
-        md5 = hashlib.md5(data)
+        md5 = hashlib.md5(data)  # the transfer's check (Content-MD5); sha: the file's, hashed once
         self.client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data,
             ContentMD5=base64.b64encode(md5.digest()).decode(),
-            Metadata={"sha256": hashlib.sha256(data).hexdigest()}, **cond,
+            Metadata={"sha256": sha}, **cond,
         )
         return md5.hexdigest()
 
-    def _put_multipart(self, key: str, path: Path, size: int, cond: dict) -> str:
+    def _put_multipart(self, key: str, path: Path, size: int, cond: dict, sha: str) -> str:
         full = self._key(key)
-        sha = file_sha256(path)
         upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata={"sha256": sha})
         upload_id = upload["UploadId"]
         parts, digests = [], []
