@@ -43,6 +43,10 @@ class SourceError(_Located, ValueError):
     """A source checkpoint cannot be read or holds data we refuse (NaN/Inf, pickles)."""
 
 
+class SourceChangedError(SourceError):
+    """A source's bytes are not those a plan or a commit key was made from (its sha256 differs)."""
+
+
 class NonFiniteTensorError(SourceError):
     """A source tensor holds NaN or Inf."""
 

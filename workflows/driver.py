@@ -292,6 +292,7 @@ class ModelRun:
                  source_hash[:16], time.perf_counter() - th)
         prefix = checkpoint_prefix(spec.name, source_hash, spec.config)
         self.prefix = prefix
+        self.source_hash = source_hash  # the commit key; every task checks its source against it
         uri = store.url(prefix)
         params = {
             "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
@@ -393,6 +394,7 @@ class ModelRun:
             "model": spec.name, "source": spec.source, "revision": spec.revision, "config": spec.config.to_dict(),
             "store": store.spec(), "prefix": self.prefix, "backend": self.opts.backend,
             "cache_dir": self.opts.cache_dir, "log_level": self.opts.log_level, "cpus": self.opts.cpus_per_task,
+            "source_sha256": self.source_hash,
         }
         remote = ray.remote(run_shard)
         pending: dict = {}

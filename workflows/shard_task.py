@@ -81,6 +81,31 @@ def _kernels_compiled() -> int:
     return compile_counts()["compiled"]
 
 
+_hash_memo: dict[tuple, str] = {}
+
+
+def check_source_sha256(src, want: str | None, uri: str) -> None:
+    """The source this worker resolved must be the bytes the driver keyed the commit
+    under (a worker resolves its own copy: another node's cache, a re-download, a
+    file replaced since planning). Hashed once per worker process while the weight
+    files' size, mtime and inode stay the same."""
+    from compressor.errors import SourceChangedError
+
+    from .redaction import redact_uri
+
+    if not want:
+        return
+    key = tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino)
+                for f in sorted(src.weight_files) for st in [os.stat(f)])
+    got = _hash_memo.get(key)
+    if got is None:
+        got = _hash_memo[key] = src.source_hash()
+    if got != want:
+        raise SourceChangedError(f"the source's sha256 is {got[:16]}..., the run planned and keys its commit under "
+                                 f"{want[:16]}...; it changed since planning: nothing of it is committed",
+                                 file=redact_uri(uri))
+
+
 def run_shard(job: dict) -> dict:
     from compressor.backends import resolve_backend
     from compressor.checkpoint import compress_tensors
@@ -105,6 +130,7 @@ def run_shard(job: dict) -> dict:
     local = resolve_source(job["source"], cache_dir=job.get("cache_dir"),
                            s3_endpoint_url=job["store"].get("endpoint_url"))
     src = open_source(local, revision=job.get("revision"))
+    check_source_sha256(src, job.get("source_sha256"), job["source"])
     index = {i.name: i for i in src.tensor_index()}
     for name, (shape, dtype) in job["expected"].items():
         info = index.get(name)

@@ -1,0 +1,53 @@
+"""A shard task checks the source it resolved against the sha256 the driver keyed the
+commit under (issue 11 item 3): a source changed between planning and the worker's
+read is refused with a typed error, and the task writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compressor.config import HyperCompressionConfig
+from compressor.errors import SourceChangedError
+from compressor.sources import open_source
+from workflows.shard_task import run_shard
+from workflows.sharding import plan_shards
+from workflows.store import open_store
+
+
+def _job(src_path, store, sha):
+    src = open_source(str(src_path))
+    index = src.tensor_index()
+    (shard,) = plan_shards(index, 1)
+    return {
+        "model": "tiny", "source": str(src_path), "revision": None,
+        "config": HyperCompressionConfig(points=(1600,)).to_dict(), "store": store.spec(), "prefix": "tiny/p/",
+        "backend": "numba-cpu", "cache_dir": None, "log_level": "WARNING", "cpus": 1, "source_sha256": sha,
+        "shard": {"index": shard.index, "count": shard.count, "names": list(shard.names), "stem": shard.stem,
+                  "names_hash": shard.names_hash},
+        "expected": {i.name: (list(i.shape), i.dtype) for i in index},
+    }
+
+
+def test_a_source_changed_after_planning_is_refused_and_nothing_written(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.randn(16, 32, generator=g) * 0.02}, str(path))
+    planned = open_source(str(path)).source_hash()
+    store = open_store(str(tmp_path / "store"))
+
+    # same bytes: the shard and its resume record land
+    result = run_shard(_job(path, store, planned))
+    assert sorted(store.list("tiny/p/")) == sorted(["tiny/p/" + result["filename"],
+                                                   f"tiny/p/_work/{result['names_hash']}.json"])
+
+    # the file is replaced (same names, shapes and dtypes, other values) after planning
+    save_file({"a.weight": torch.randn(16, 32, generator=g) * 0.02}, str(path))
+    other = tmp_path / "store2"
+    store2 = open_store(str(other))
+    with pytest.raises(SourceChangedError) as ei:
+        run_shard(_job(path, store2, planned))
+    assert str(path) in str(ei.value) and planned[:16] in str(ei.value)
+    # nothing uploaded, no resume record
+    assert store2.list("tiny/") == [] and not [p for p in other.rglob("*") if p.is_file()]
