@@ -38,6 +38,7 @@ from . import commit as commits
 from .errors import NotCommittedError, StoreError, TransientStoreError, WorkflowError
 from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
+from .payloads import CompressJob, ResumeRecordError, ShardRecord, ShardResult, WorkUnit
 from .sharding import Shard, plan_shards, shard_count, shards_from_manifest
 from .shard_task import WORK_DIR, run_shard, warm_worker, work_key
 from .store import STALE_SECONDS, Store
@@ -356,13 +357,14 @@ class ModelRun:
         except (StoreError, WorkflowError) as exc:  # the checkpoint is fine; leftovers wait for the next run
             log.warning("%s: removing orphaned objects failed: %s", self.spec.name, redact(exc))
 
-    def _plan(self, index, src, slots: int, seen: "commits.CheckpointState") -> tuple[list[Shard], dict[int, dict]]:
+    def _plan(self, index, src, slots: int,
+              seen: "commits.CheckpointState") -> tuple[list[Shard], dict[int, ShardResult]]:
         """The shards to produce, and those an incomplete committed checkpoint still
         holds intact (repair: its own plan, recomputing only what is damaged)."""
         if seen.manifest is not None and not seen.complete and not self.opts.force:
             shards = shards_from_manifest(index, seen.manifest)
             if shards:
-                kept: dict[int, dict] = {}
+                kept: dict[int, ShardResult] = {}
                 for s in shards:
                     file = seen.manifest["tensors"][s.names[0]]["shard"]
                     if file not in seen.damaged:
@@ -390,12 +392,15 @@ class ModelRun:
 
         spec, store = self.spec, self.store
         expected_of = {i.name: (list(i.shape), i.dtype) for i in index}
-        base_job = {
-            "model": spec.name, "source": spec.source, "revision": spec.revision, "config": spec.config.to_dict(),
-            "store": store.spec(), "prefix": self.prefix, "backend": self.opts.backend,
-            "cache_dir": self.opts.cache_dir, "log_level": self.opts.log_level, "cpus": self.opts.cpus_per_task,
-            "source_sha256": self.source_hash,
-        }
+
+        def job_for(s: Shard) -> CompressJob:
+            return CompressJob(
+                model=spec.name, source=spec.source, source_sha256=self.source_hash, revision=spec.revision,
+                config=spec.config.to_dict(), store=store.spec(), prefix=self.prefix,
+                unit=WorkUnit(s.index, s.count, tuple(s.names), s.stem, s.names_hash),
+                expected={n: expected_of[n] for n in s.names}, backend=self.opts.backend,
+                cache_dir=self.opts.cache_dir, log_level=self.opts.log_level, cpus=self.opts.cpus_per_task)
+
         remote = ray.remote(run_shard)
         pending: dict = {}
         queue = list(todo)
@@ -405,9 +410,7 @@ class ModelRun:
             while queue or pending:
                 while queue and len(pending) < slots:
                     s = queue.pop(0)
-                    job = dict(base_job, shard={"index": s.index, "count": s.count, "names": list(s.names),
-                                                "stem": s.stem, "names_hash": s.names_hash},
-                               expected={n: expected_of[n] for n in s.names})
+                    job = job_for(s)
                     ref = remote.options(
                         name=f"compress_shard[{spec.name}:{s.index + 1}/{s.count}]",
                         num_cpus=self.opts.cpus_per_task, num_gpus=1 if gpus else 0, memory=_task_memory(s, node_mem),
@@ -431,7 +434,7 @@ class ModelRun:
                                         f"{type(cause).__name__}: {redact(cause)}") from None
                 results[s.index] = res
                 done += 1
-                st = res["stats"]
+                st = res.stats
                 log.info("%s: shard %d/%d done (%d/%d): %.1fM params in %.1f s on %s pid %s, peak RSS %.0f MiB",
                          spec.name, s.index + 1, s.count, done, len(shards), st["params"] / 1e6,
                          st["wall_seconds"], st["node"], st["pid"], st["peak_rss_bytes"] / 2**20)
@@ -440,10 +443,10 @@ class ModelRun:
                 ray.cancel(ref)
             raise
 
-    def _resumable(self, prefix: str, shards: list[Shard]) -> dict[int, dict]:
+    def _resumable(self, prefix: str, shards: list[Shard]) -> dict[int, ShardResult]:
         """Shards an interrupted earlier run finished, whatever its plan: a resume
         record is keyed by the set of tensors its shard holds."""
-        out: dict[int, dict] = {}
+        out: dict[int, ShardResult] = {}
         keys = set(self.store.list(prefix + WORK_DIR))
         if not keys:
             return out
@@ -452,13 +455,13 @@ class ModelRun:
             if key not in keys:
                 continue
             try:
-                rec = json.loads(self.store.get_bytes(key))
-                info = self.store.head(prefix + rec["record"]["file"])
-                ok = (rec.get("names_hash") == s.names_hash and rec.get("config_hash") == self.spec.config.config_hash()
-                      and rec.get("codec_version") == CODEC_VERSION and info is not None
-                      and info.size == rec["record"]["bytes"] and info.sha256 == rec["record"]["sha256"]
-                      and set(rec["tensor_meta"]) == set(s.names))
-            except (StoreError, ValueError, KeyError, TypeError) as exc:
+                rec = ShardResult.from_json(self.store.get_bytes(key), self.store.url(key))
+                info = self.store.head(prefix + rec.record.file)
+                ok = (rec.names_hash == s.names_hash and rec.config_hash == self.spec.config.config_hash()
+                      and rec.codec_version == CODEC_VERSION and info is not None
+                      and info.size == rec.record.bytes and info.sha256 == rec.record.sha256
+                      and set(rec.tensor_meta) == set(s.names))
+            except (StoreError, ResumeRecordError) as exc:
                 log.info("%s: resume record %s unusable (%s): recomputing", self.spec.name, key, redact(exc))
                 continue
             if ok:
@@ -471,16 +474,16 @@ class ModelRun:
         spec, store = self.spec, self.store
         meta: dict = {}
         for r in results.values():
-            meta.update(r["tensor_meta"])
+            meta.update(r.tensor_meta)
         missing = [i.name for i in index if i.name not in meta]
         if missing:
             raise WorkflowError(f"{spec.name}: {len(missing)} tensors missing after all shards ({missing[:3]})")
-        records = [results[s.index]["record"] for s in shards]
+        records = [results[s.index].record for s in shards]
         source_info = src.describe()
         source_info.update({"uri": redact_uri(spec.source), "sha256": source_hash, "revision": spec.revision,
                             "zoo_model": spec.name})
         # this run's objects: its shards (new or resumed) and the resume records of its plan
-        owned = {prefix + r["file"] for r in records} | {work_key(prefix, s.names_hash) for s in shards}
+        owned = {prefix + r.file for r in records} | {work_key(prefix, s.names_hash) for s in shards}
         sink = commits.StoreSink(store, prefix, seen=seen, force=self.opts.force, owned=owned,
                                  lease_seconds=self.opts.lease_seconds, orphan_age=self.opts.orphan_age)
         with tempfile.TemporaryDirectory(prefix="birkhoff-commit-") as d:
@@ -489,7 +492,7 @@ class ModelRun:
             # commit_checkpoint uploads them (where they differ) under the lease, then the manifest
             writer = CheckpointWriter(d, sink)
             for s in shards:
-                writer.add_shard(results[s.index]["record"], results[s.index]["tensor_meta"])
+                writer.add_shard(results[s.index].record.to_dict(), results[s.index].tensor_meta)
             manifest, done = writer.finish(spec.config, source_info, {f.name: f for f in src.extra_files},
                                            [i.name for i in index])
         uri = store.url(prefix)
@@ -501,7 +504,7 @@ class ModelRun:
         repaired = seen.committed and not seen.complete
         log.info("%s: %s %s (%d stale object(s) removed)", spec.name, "repaired" if repaired else "committed", uri,
                  len(done.removed))
-        stats = [r["stats"] for r in results.values()]
+        stats = [r.stats for r in results.values()]
         metrics = _manifest_metrics(manifest, src.weight_bytes, done.manifest_bytes)
         metrics.update({
             "compress_seconds": sum(s["compress_seconds"] for s in stats),
@@ -509,7 +512,7 @@ class ModelRun:
             "shards": len(shards),
             "max_task_peak_rss_mb": max(s["peak_rss_bytes"] for s in stats) / 2**20,
         })
-        shard_stats = [dict(results[s.index]["stats"], shard=results[s.index]["record"]["file"]) for s in shards]
+        shard_stats = [dict(results[s.index].stats, shard=results[s.index].record.file) for s in shards]
         if self.tracker and self.child_run:
             try:
                 self.tracker.log_model_artifacts(self.child_run, manifest, uri, shard_stats)
@@ -518,16 +521,16 @@ class ModelRun:
         return ModelOutcome(spec.name, "repaired" if repaired else "compressed", uri, metrics, shards=shard_stats)
 
 
-def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> dict:
-    """A kept shard of a committed checkpoint, shaped like a task's result."""
+def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> ShardResult:
+    """A kept shard of a committed checkpoint, as a task's result."""
     rec = manifest["shards"][file]
-    return {
-        "record": {"file": file, "bytes": rec["bytes"], "sha256": rec["sha256"]},
-        "tensor_meta": {n: manifest["tensors"][n] for n in shard.names},
-        "names_hash": shard.names_hash,
-        "stats": {"params": shard.numel, "compress_seconds": 0.0, "wall_seconds": 0.0, "peak_rss_bytes": 0,
-                  "pid": None, "node": None, "backend": "kept", "abs_error_sum": 0.0},
-    }
+    return ShardResult(
+        model="", unit_index=shard.index, names_hash=shard.names_hash, config_hash="", codec_version=CODEC_VERSION,
+        record=ShardRecord(file, rec["bytes"], rec["sha256"]),
+        tensor_meta={n: manifest["tensors"][n] for n in shard.names},
+        stats={"params": shard.numel, "compress_seconds": 0.0, "wall_seconds": 0.0, "peak_rss_bytes": 0,
+               "pid": None, "node": None, "backend": "kept", "abs_error_sum": 0.0},
+    )
 
 
 def _manifest_metrics(manifest: dict, source_bytes: int, manifest_bytes: int) -> dict:

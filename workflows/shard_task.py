@@ -4,19 +4,21 @@ Open the source on this node, read only the shard's tensors, compress them
 (CUDA index search on GPU workers, Numba CPU elsewhere), write the shard into a
 local temporary folder, name it after the sha256 of its bytes, upload it under
 the checkpoint's prefix, then upload a small resume record
-(``_work/<tensor-set hash>.json``) and return the same record to the driver: the
-shard's file record, its tensors' manifest entries and statistics.
+(``_work/<tensor-set hash>.json``) and return the same record to the driver: a
+:class:`workflows.payloads.ShardResult` (the shard's file record, its tensors'
+manifest entries and statistics).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
 import socket
 import tempfile
 import time
+
+from .payloads import CompressJob, ShardRecord, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -106,56 +108,67 @@ def check_source_sha256(src, want: str | None, uri: str) -> None:
                                  file=redact_uri(uri))
 
 
-def run_shard(job: dict) -> dict:
+def _open_checked_source(job: CompressJob):
+    """Resolve the job's source on this node and check it is what the driver planned:
+    the bytes it keyed the commit under, the tensors' shapes and dtypes."""
+    from compressor.errors import SourceError
+    from compressor.sources import open_source
+
+    from .zoo import resolve_source
+
+    local = resolve_source(job.source, cache_dir=job.cache_dir, s3_endpoint_url=job.store.get("endpoint_url"))
+    src = open_source(local, revision=job.revision)
+    check_source_sha256(src, job.source_sha256, job.source)
+    index = {i.name: i for i in src.tensor_index()}
+    for name, (shape, dtype) in job.expected.items():
+        info = index.get(name)
+        if info is None or list(info.shape) != list(shape) or info.dtype != dtype:
+            raise SourceError("the source changed since the driver planned the shards", file=src.uri, tensor=name)
+    return src, index
+
+
+def _entry_stats(entries) -> dict:
+    return {
+        "params": sum(e.numel for e in entries.values()),
+        "abs_error_sum": float(sum(e.abs_error_sum for e in entries.values())),
+        "compressed_tensors": sum(1 for e in entries.values() if not e.raw),
+        "raw_tensors": sum(1 for e in entries.values() if e.raw),
+    }
+
+
+def run_shard(job: CompressJob) -> ShardResult:
+    """Compress one work unit into one file shard in the store; returns (and stores as
+    the unit's resume record) its :class:`ShardResult`."""
     from compressor.backends import resolve_backend
     from compressor.checkpoint import compress_tensors
     from compressor.checkpoint_writer import CheckpointWriter
     from compressor.codec import CODEC_VERSION
     from compressor.config import HyperCompressionConfig
-    from compressor.errors import SourceError
-    from compressor.sources import open_source
 
     from . import redaction
     from .commit import StoreSink
     from .sharding import SHARD_SUFFIX, shard_filename
     from .store import open_store
-    from .zoo import resolve_source
 
-    redaction.install(job.get("log_level", "INFO"))
-    _limit_threads(int(job.get("cpus", 1)))
+    redaction.install(job.log_level)
+    _limit_threads(job.cpus)
     t0 = time.perf_counter()
-    model, shard = job["model"], job["shard"]
-    tag = f"{model} shard {shard['index'] + 1}/{shard['count']}"
-    store = open_store(job["store"])
-    local = resolve_source(job["source"], cache_dir=job.get("cache_dir"),
-                           s3_endpoint_url=job["store"].get("endpoint_url"))
-    src = open_source(local, revision=job.get("revision"))
-    check_source_sha256(src, job.get("source_sha256"), job["source"])
-    index = {i.name: i for i in src.tensor_index()}
-    for name, (shape, dtype) in job["expected"].items():
-        info = index.get(name)
-        if info is None or list(info.shape) != list(shape) or info.dtype != dtype:
-            raise SourceError("the source changed since the driver planned the shards", file=src.uri, tensor=name)
-    backend = resolve_backend(job.get("backend", "auto"))
-    config = HyperCompressionConfig.from_dict(job["config"])
-    names = list(shard["names"])
-    log.info("%s: compressing %d tensors (%.1fM params) with %s", tag, len(names),
-             sum(index[n].numel for n in names) / 1e6, backend.backend.value)
+    unit = job.unit
+    tag = f"{job.model} shard {unit.index + 1}/{unit.count}"
+    store = open_store(job.store)
+    src, index = _open_checked_source(job)
+    backend = resolve_backend(job.backend)
+    config = HyperCompressionConfig.from_dict(job.config)
+    log.info("%s: compressing %d tensors (%.1fM params) with %s", tag, len(unit.names),
+             sum(index[n].numel for n in unit.names) / 1e6, backend.backend.value)
     timings: dict = {}
-    entries = compress_tensors(src, names, config, backend.kernels, progress=False, timings=timings)
-    stats = {
-        "params": sum(e.numel for e in entries.values()),
-        "abs_error_sum": float(sum(e.abs_error_sum for e in entries.values())),
-        "compressed_tensors": sum(1 for e in entries.values() if not e.raw),
-        "raw_tensors": sum(1 for e in entries.values() if e.raw),
-        "compress_seconds": float(timings.get("seconds", 0.0)),
-    }
+    entries = compress_tensors(src, list(unit.names), config, backend.kernels, progress=False, timings=timings)
+    stats = dict(_entry_stats(entries), compress_seconds=float(timings.get("seconds", 0.0)))
     with tempfile.TemporaryDirectory(prefix="birkhoff-shard-") as d:
         # the name carries the sha256 of the bytes, known once they are written
-        writer = CheckpointWriter(d, StoreSink(store, job["prefix"]), backend.kernels)
-        record, meta = writer.write_shard(shard["stem"] + SHARD_SUFFIX, entries,
-                                          name_from_sha256=lambda sha: shard_filename(shard["stem"], sha))
-        filename = record["file"]
+        writer = CheckpointWriter(d, StoreSink(store, job.prefix), backend.kernels)
+        record, meta = writer.write_shard(unit.stem + SHARD_SUFFIX, entries,
+                                          name_from_sha256=lambda sha: shard_filename(unit.stem, sha))
         del entries, writer
     stats.update({
         "wall_seconds": time.perf_counter() - t0,
@@ -167,18 +180,9 @@ def run_shard(job: dict) -> dict:
         # machine's kernel cache is warm (numba_kernels/cache.py)
         "kernels_compiled": _kernels_compiled(),
     })
-    result = {
-        "model": model,
-        "shard": shard["index"],
-        "filename": filename,
-        "names_hash": shard["names_hash"],
-        "config_hash": config.config_hash(),
-        "codec_version": CODEC_VERSION,
-        "record": record,
-        "tensor_meta": meta,
-        "stats": stats,
-    }
-    store.put_bytes(work_key(job["prefix"], shard["names_hash"]), json.dumps(result).encode())
+    result = ShardResult(job.model, unit.index, unit.names_hash, config.config_hash(), CODEC_VERSION,
+                         ShardRecord(record["file"], record["bytes"], record["sha256"]), meta, stats)
+    store.put_bytes(work_key(job.prefix, unit.names_hash), result.to_json())
     log.info("%s: done in %.1f s (codec %.1f s, %d bytes, peak RSS %.0f MiB)", tag, stats["wall_seconds"],
              stats["compress_seconds"], record["bytes"], stats["peak_rss_bytes"] / 2**20)
     return result

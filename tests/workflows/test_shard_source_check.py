@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from compressor.config import HyperCompressionConfig
 from compressor.errors import SourceChangedError
 from compressor.sources import open_source
+from workflows.payloads import CompressJob, ResumeRecordError, ShardResult, WorkUnit
 from workflows.shard_task import run_shard
 from workflows.sharding import plan_shards
 from workflows.store import open_store
@@ -20,14 +21,11 @@ def _job(src_path, store, sha):
     src = open_source(str(src_path))
     index = src.tensor_index()
     (shard,) = plan_shards(index, 1)
-    return {
-        "model": "tiny", "source": str(src_path), "revision": None,
-        "config": HyperCompressionConfig(points=(1600,)).to_dict(), "store": store.spec(), "prefix": "tiny/p/",
-        "backend": "numba-cpu", "cache_dir": None, "log_level": "WARNING", "cpus": 1, "source_sha256": sha,
-        "shard": {"index": shard.index, "count": shard.count, "names": list(shard.names), "stem": shard.stem,
-                  "names_hash": shard.names_hash},
-        "expected": {i.name: (list(i.shape), i.dtype) for i in index},
-    }
+    return CompressJob(
+        model="tiny", source=str(src_path), source_sha256=sha, revision=None,
+        config=HyperCompressionConfig(points=(1600,)).to_dict(), store=store.spec(), prefix="tiny/p/",
+        unit=WorkUnit(shard.index, shard.count, tuple(shard.names), shard.stem, shard.names_hash),
+        expected={i.name: (list(i.shape), i.dtype) for i in index}, backend="numba-cpu", log_level="WARNING")
 
 
 def test_a_source_changed_after_planning_is_refused_and_nothing_written(tmp_path):
@@ -39,8 +37,13 @@ def test_a_source_changed_after_planning_is_refused_and_nothing_written(tmp_path
 
     # same bytes: the shard and its resume record land
     result = run_shard(_job(path, store, planned))
-    assert sorted(store.list("tiny/p/")) == sorted(["tiny/p/" + result["filename"],
-                                                   f"tiny/p/_work/{result['names_hash']}.json"])
+    assert sorted(store.list("tiny/p/")) == sorted(["tiny/p/" + result.record.file,
+                                                   f"tiny/p/_work/{result.names_hash}.json"])
+    # the resume record read back is the result, typed and validated
+    back = ShardResult.from_json(store.get_bytes(f"tiny/p/_work/{result.names_hash}.json"), "record")
+    assert back == result
+    with pytest.raises(ResumeRecordError, match="version"):
+        ShardResult.from_json(b'{"version": 0}', "old-record")
 
     # the file is replaced (same names, shapes and dtypes, other values) after planning
     save_file({"a.weight": torch.randn(16, 32, generator=g) * 0.02}, str(path))
