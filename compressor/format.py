@@ -753,10 +753,14 @@ def _manifest_from_bytes(raw: bytes, path: str, limits: LoadLimits) -> tuple[dic
     return obj, _validate(obj, path, limits)
 
 
-def validate_manifest(manifest: dict, directory=None, limits: LoadLimits = LoadLimits()) -> None:
-    """Check a manifest dict as :func:`read_manifest` does (``directory`` only names the file)."""
-    path = MANIFEST_NAME if directory is None else os.path.join(os.fspath(directory), MANIFEST_NAME)
-    _validate(manifest, path, limits)
+def parse_manifest(raw: bytes, where: str, limits: LoadLimits = LoadLimits()) -> dict:
+    """The one manifest reader: parse and fully validate a manifest's bytes (from a
+    folder, :func:`read_manifest`, or a store); ``where`` names it in errors."""
+    if len(raw) > limits.max_manifest_bytes:
+        raise SizeLimitError(f"manifest is {len(raw)} bytes, above max_manifest_bytes={limits.max_manifest_bytes}",
+                             file=where)
+    manifest, _ = _manifest_from_bytes(raw, where, limits)
+    return manifest
 
 
 def read_manifest(directory, limits: LoadLimits = LoadLimits()) -> dict:

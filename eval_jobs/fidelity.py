@@ -57,6 +57,8 @@ def fidelity_check(model_dir: str | Path, config, *, n_images: int = HELDOUT_IMA
     """Compress ``model_dir`` with ``config`` (a ``HyperCompressionConfig``) and measure the box-prompt drop."""
     from compressor.checkpoint import compress
 
+    from compressor.format import read_manifest
+
     from .datasets import DatasetSpec
     from .runner import EvalConfig, model_under_test, run_eval
     from .synthetic import write_synthetic
@@ -67,7 +69,7 @@ def fidelity_check(model_dir: str | Path, config, *, n_images: int = HELDOUT_IMA
         comp = root / "compressed"
         ckpt = compress(str(model_dir), config)
         ckpt.save(comp)
-        manifest = json.loads((comp / "manifest.json").read_text())
+        manifest = read_manifest(comp)
         total = encoded = 0
         for t in manifest["tensors"].values():
             n = 1

@@ -52,13 +52,16 @@ def recorded_source(compressed_dir: str | Path, resolve: SourceResolver | None =
     ``s3://``...): ``resolve`` (``workflows.zoo.resolve_source``, passed in by
     ``birkhoff eval`` and the workflow) turns it into a local directory or a Hub id.
     ``hf://`` and ``file://`` need no resolver."""
+    from compressor import format as fmt
+    from compressor.errors import FormatError
+
     p = Path(compressed_dir) / MANIFEST
+    if not p.is_file():
+        raise ModelLoadError(f"not a compressed checkpoint directory: no {MANIFEST} in {compressed_dir}")
     try:
-        uri = json.loads(p.read_text())["source"]["uri"]
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"not a compressed checkpoint directory: no {MANIFEST} in {compressed_dir}") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{p} records no source uri (manifest['source']['uri']); pass --original") from exc
+        uri = fmt.read_manifest(compressed_dir)["source"].get("uri")  # the validated reader, as the loader
+    except FormatError as exc:
+        raise ModelLoadError(f"{p}: {type(exc).__name__}: {exc.detail}; pass --original") from exc
     if not isinstance(uri, str) or not uri:
         raise ModelLoadError(f"{p} records no source uri; pass --original")
     if uri.startswith("hf://"):  # transformers takes the bare Hub id (and revision)

