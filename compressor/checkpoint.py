@@ -229,24 +229,6 @@ class CompressedCheckpoint:
             "seconds": self.compress_seconds,
         }
 
-    def report_rows(self) -> list[dict]:
-        rows = []
-        for n, e in self.entries.items():
-            rows.append({
-                "name": n,
-                "shape": list(e.shape),
-                "dtype": e.dtype,
-                "numel": e.numel,
-                "raw": bool(e.raw),
-                "raw_reason": e.reason if e.raw else None,
-                "layout": None if e.raw else e.layout,
-                "U": None if e.raw else e.U,
-                "K": None if e.raw else e.K,
-                "bits": None if e.raw else e.bits,
-                "mae": float(e.mae),
-                "stored_bytes": stored_nbytes(e),
-            })
-        return rows
 
 
 def compress(source, config: HyperCompressionConfig | None = None, *, backend: str | Kernels = "auto",

@@ -238,11 +238,6 @@ def _cpu_fused(k, x: np.ndarray, theta: np.ndarray, lut_xy: np.ndarray, bias: np
         f.result()
 
 
-def release_workspaces() -> None:
-    """Free this thread's CPU decode workspaces (they are re-created on demand)."""
-    _tls.bufs = {}
-
-
 # -- the module -------------------------------------------------------------------------
 
 class HyperLinear(nn.Module):

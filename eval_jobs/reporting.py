@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -172,9 +172,3 @@ def log_eval_to_mlflow(results: "EvalResults", parent_run_id: str | None = None,
         raise
     log.info("logged evaluation of %s to MLflow run %s", results.model, rid)
     return rid
-
-
-def log_all(results: Sequence["EvalResults"], parent_run_ids: dict[str, str] | None = None, **kw) -> dict[str, str]:
-    """Log several models' results; ``parent_run_ids`` maps model name -> its run."""
-    parent_run_ids = parent_run_ids or {}
-    return {r.model: log_eval_to_mlflow(r, parent_run_ids.get(r.model), **kw) for r in results}

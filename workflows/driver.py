@@ -165,11 +165,6 @@ def fetch_checkpoint(store: Store, prefix: str, directory) -> Path:
     return d
 
 
-def committed_checkpoints(store: Store) -> list[str]:
-    """Prefixes of every committed checkpoint in the store."""
-    return sorted(k[: -len(MANIFEST)] for k in store.list("") if k.endswith("/" + MANIFEST))
-
-
 # -- Ray plumbing ---------------------------------------------------------------------
 
 _MAX_WARM_TASKS = 64

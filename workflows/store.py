@@ -166,12 +166,6 @@ class Store(ABC):
         """Remove ``key`` (absent is fine). ``if_match``: only that version; a missing
         or different object raises :class:`ConditionFailedError`."""
 
-    def delete_prefix(self, prefix: str) -> int:
-        keys = self.list(prefix)
-        for k in keys:
-            self.delete(k)
-        return len(keys)
-
     def abort_incomplete(self, prefix: str, older_than: float = STALE_SECONDS) -> int:
         """Drop leftovers of interrupted uploads under ``prefix`` untouched for
         ``older_than`` seconds (younger ones may belong to a live writer); returns how many."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ChecksumMismatchError, ConditionFailedError, StoreError
-from .store import _BLOCK, STALE_SECONDS, TMP_MARK, ObjectInfo, RetryPolicy, Store, _check_key, file_sha256
+from .store import _BLOCK, STALE_SECONDS, TMP_MARK, ObjectInfo, Store, _check_key, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _fsync_dir(directory: Path) -> None:
 class LocalStore(Store):
     """A folder as an object store: one file per key."""
 
-    def __init__(self, root, retry: RetryPolicy | None = None):
+    def __init__(self, root):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
         if self.root.exists() and not self.root.is_dir():
