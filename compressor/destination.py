@@ -39,6 +39,8 @@ import uuid
 from typing import Callable, Iterable
 
 from .errors import CheckpointExistsError, DestinationError
+from .format.fsio import fsync_dir as _fsync_dir
+from .format.fsio import umask as _umask
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +100,6 @@ class _Renameat2:
 
 
 _renameat2 = _Renameat2()
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def rename_noreplace(src: str, dst: str) -> None:
@@ -453,21 +442,6 @@ def _same(a, b) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc tells it (setting it
-    to read it would race with other threads creating files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # -- checkpoint directories ------------------------------------------------------------------

@@ -449,7 +449,8 @@ def _weight_file(p: Path) -> Path:
 
 
 def _read_index(idx: Path) -> dict[str, str]:
-    from .format import ManifestError, SizeLimitError, _parse_json
+    from .errors import ManifestError, SizeLimitError
+    from .format.schema import _parse_json
 
     raw = _read_small(idx, MAX_INDEX_BYTES)
     try:

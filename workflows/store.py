@@ -35,7 +35,6 @@ The interface and :func:`open_store` live here; the implementations in
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -97,11 +96,9 @@ class RetryPolicy:
 
 
 def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
+    from compressor.format.fsio import hash_file
+
+    return hash_file(path)[1]
 
 
 def _check_key(key: str) -> str:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ChecksumMismatchError, ConditionFailedError, StoreError
+from compressor.format.fsio import fsync_dir as _fsync_dir
+
 from .store import _BLOCK, STALE_SECONDS, TMP_MARK, ObjectInfo, Store, _check_key, file_sha256
 
 log = logging.getLogger(__name__)
@@ -30,20 +32,6 @@ log = logging.getLogger(__name__)
 _LOCK_NAME = ".birkhoff-store.lock"
 # filesystems without hard links (some FUSE and SMB mounts) answer os.link with these
 _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or link in ``directory`` durable (a commit survives a power cut)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class LocalStore(Store):

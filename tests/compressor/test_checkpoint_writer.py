@@ -42,14 +42,23 @@ def _checkpoint():
 
 def test_shards_then_extras_then_manifest_last_through_the_sink(tmp_path, monkeypatch):
     ck = _checkpoint()
-    # the shard is hashed while it is written: reading a file back to hash it fails the test
-    monkeypatch.setattr(fmt, "_hash_file", lambda path: (_ for _ in ()).throw(AssertionError(f"re-read {path}")))
+    from compressor.format import fsio, shards
+
     sink = RecordingSink()
     writer = CheckpointWriter(tmp_path, sink)
     names = list(ck.entries)
-    writer.write_shard("a.safetensors", {n: ck.entries[n] for n in names[:2]})
-    writer.write_shard("b.safetensors", {n: ck.entries[n] for n in names[2:]},
-                       name_from_sha256=lambda sha: f"b-{sha[:8]}.safetensors")
+    with monkeypatch.context() as m:
+        # a shard is hashed while it is written: reading a file back to hash it fails the test
+        def reread(*args):
+            raise AssertionError(f"a file was read back to be hashed: {args[:1]}")
+
+        for mod in (fsio, shards):
+            for name in ("_hash_file", "_hash_stream"):
+                if hasattr(mod, name):
+                    m.setattr(mod, name, reread)
+        writer.write_shard("a.safetensors", {n: ck.entries[n] for n in names[:2]})
+        writer.write_shard("b.safetensors", {n: ck.entries[n] for n in names[2:]},
+                           name_from_sha256=lambda sha: f"b-{sha[:8]}.safetensors")
     manifest, result = writer.finish(ck.config, {"uri": "mem"}, ck.extra_files, names)
     assert result == "committed"
     kinds = [e[0] for e in sink.events]
