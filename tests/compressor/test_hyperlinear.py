@@ -230,7 +230,7 @@ def _no_decode(*args, **kwargs):
 def test_cpu_fused_matches_dequantized_reference(monkeypatch, dtype, in_f, bias, lead):
     import compressor.hyperlinear as hlmod
 
-    monkeypatch.setattr(hlmod, "_cpu_decode", _no_decode)
+    monkeypatch.setattr(hlmod.module, "_cpu_decode", _no_decode)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # exercise the row split even on one core
     out_f = 96 if in_f == 701 else 19
     _, hl = _layer(out_f, in_f, bias=bias)
@@ -276,7 +276,7 @@ def test_cpu_decode_path_at_few_tokens(monkeypatch, dtype, in_f, bias):
     """The decode + matmul path stays exact below the fused threshold too."""
     import compressor.hyperlinear as hlmod
 
-    monkeypatch.setattr(hlmod, "CPU_FUSED_MAX_TOKENS", 0)
+    monkeypatch.setattr(hlmod.tables, "CPU_FUSED_MAX_TOKENS", 0)
     _, hl = _layer(19, in_f, bias=bias, backend="numba-cpu")
     x = torch.randn(2, 3, in_f).to(dtype)
     assert hl._choose(x, 6) == "cpu-decode"

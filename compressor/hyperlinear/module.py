@@ -1,242 +1,35 @@
-"""HyperLinear: ``y = x W^T + b`` with ``W`` decoded from Hyper-Compression indices
-inside the kernel, never stored as floats (``docs/HYPERCOMPRESSION.md`` section 7).
-
-State (all buffers, so ``state_dict`` round trips and ``.to(device)`` moves them):
-
-* ``theta``: ``[out, ceil(in/2)]`` indices, ``torch.uint16`` while
-  ``U*(K+1) <= 65536`` (8 bits per weight), else ``torch.int32``.
-* ``codec``: ``int64[8]`` = ``[version, U, K, cx, cy, radius, box_size, dtype]``
-  where the four floats are float64 *bit patterns*. Integer, so ``model.half()``
-  cannot round them; the decode tables are rebuilt from them with the codec's
-  own :func:`quant_primitives.decode_lut` and equal ``CompressedTensor.lut()``.
-* ``bias`` (a parameter, like ``nn.Linear``), or ``None``.
-
-The decode tables (``U*(K+1)`` points, 6400 for the defaults) are derived, cached per
-(device, dtype) and never serialized. Transient memory per call: the ``decode``
-paths write ``W`` in the compute dtype into a workspace (CPU: one reusable buffer
-per thread and dtype, as large as the largest layer seen, shared by every layer;
-CUDA: torch's caching allocator, freed after the matmul). The fused paths use none.
-
-Backends (per layer, :meth:`HyperLinear.set_backend`): ``reference`` (torch
-gather + ``F.linear``; any device), ``numba-cpu`` (up to ``CPU_FUSED_MAX_TOKENS`` tokens: a
-serial GIL-free fused @njit kernel, ``numba_kernels.hyperlinear_cpu.fused_rows``, over row
-blocks on a small thread pool; above: @njit decode split over the same threads + torch
-matmul; see ``docs/BENCHMARKS.md (HyperLinear section)``), ``numba-cuda`` (fused warp-per-row kernel up to
-``CUDA_FUSED_MAX_TOKENS`` tokens, bias added inside; pair decode + tensor-core matmul
-above; the per-layer kernel arguments are converted for numba once, so a call pays
-the launch cost of ``x`` and the output only), ``auto``
-(by device, dtype and token count; logs each choice once). An explicit backend
-that cannot run raises :class:`BackendUnavailableError`.
-"""
+"""The HyperLinear module: a linear layer whose weight stays Hyper-Compression
+indices, and its dispatch between the CPU and CUDA paths."""
 
 from __future__ import annotations
 
-import importlib
-import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant_primitives as qp
-from .backends import Backend
-from .codec import DTYPE_NAMES, CompressedTensor, RawTensor, compress_tensor, dtype_name
-from .config import HyperCompressionConfig
-from .errors import BackendUnavailableError, BirkhoffError, IndexRangeError
-
-log = logging.getLogger(__name__)
-
-HYPERLINEAR_VERSION = 1
-CUDA_FUSED_MAX_TOKENS = 16  # the fused kernel's per-thread accumulators (numba_kernels.hyperlinear_cuda.MAX_TOKENS)
-# CPU: fused decode-and-dot up to this many tokens, decode + torch matmul above. Measured
-# on 2 cores for the six SAM shapes: fused faster than decode + matmul at 1..32 tokens on
-# every shape, slower at 64 for 5120->1280 (docs/BENCHMARKS.md (HyperLinear section))
-CPU_FUSED_MAX_TOKENS = 32
-UINT16_CODES = 1 << 16
-
-_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
-_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# same-width integer views: the decode kernels move bit patterns
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
-# twice-as-wide integer views: the CUDA pair decode stores both weights of an index at once
-_PAIR_VIEW = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
-
-
-class HyperLinearError(BirkhoffError, ValueError):
-    """A HyperLinear cannot be built from the given tensors, or gets bad input."""
-
-
-class _CudaArgs(NamedTuple):
-    """A layer's numba-cuda kernel arguments for one (device, dtype)."""
-    keep: tuple  # the tensors the views alias, kept alive with them
-    theta: object
-    lut_x: object  # lut(dtype) as same-width integers (decode_rows)
-    lut_y: object
-    lut_xy: object  # packed pairs (decode_pairs), None for odd ``in`` or fp64
-    lut_x32: object  # lut(dtype) widened to float32 (fused)
-    lut_y32: object
-    bias32: object  # bias in dtype, widened to float32 (fused), or None
-    launches: dict  # prepared launches by (path, tokens, stream), None where none can be made
-
-
-def _stamp(t: torch.Tensor) -> tuple[int, int]:
-    """Identifies a tensor's current contents for caches: storage and in-place
-    version (inference tensors have no version counter and cannot change outside
-    inference mode)."""
-    try:
-        ver = t._version
-    except RuntimeError:
-        ver = -1
-    return t.data_ptr(), ver
-
-
-def _f64_bits(v: float) -> int:
-    return int(np.array(v, dtype=np.float64).view(np.int64))
-
-
-def _bits_f64(i: int) -> float:
-    return float(np.array(i, dtype=np.int64).view(np.float64))
-
-
-def index_dtype(n_codes: int) -> torch.dtype:
-    """uint16 while every index fits (8 bits per weight), else int32."""
-    return torch.uint16 if n_codes <= UINT16_CODES else torch.int32
-
-
-# -- backend availability ---------------------------------------------------------
-
-_avail_cache: dict[str, tuple[bool, str]] = {}
-
-
-def _cpu_kernels():
-    return importlib.import_module("numba_kernels.hyperlinear_cpu")
-
-
-def _cuda_kernels():
-    return importlib.import_module("numba_kernels.hyperlinear_cuda")
-
-
-def numba_cpu_status() -> tuple[bool, str]:
-    if "cpu" not in _avail_cache:
-        try:
-            _cpu_kernels()
-            _avail_cache["cpu"] = (True, "numba importable")
-        except Exception as exc:  # ImportError, or numba failing to initialise
-            _avail_cache["cpu"] = (False, f"numba_kernels.hyperlinear_cpu not importable ({exc})")
-    return _avail_cache["cpu"]
-
-
-def numba_cuda_status() -> tuple[bool, str]:
-    """Usable for torch CUDA tensors: needs a real GPU (the simulator takes host arrays)."""
-    if "cuda" not in _avail_cache:
-        if not torch.cuda.is_available():
-            _avail_cache["cuda"] = (False, "torch sees no CUDA device")
-        else:
-            try:
-                mod = _cuda_kernels()
-                if mod.is_simulator():
-                    _avail_cache["cuda"] = (False, "numba runs the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
-                else:
-                    _avail_cache["cuda"] = (True, "numba-cuda importable")
-            except Exception as exc:
-                _avail_cache["cuda"] = (False, f"numba_kernels.hyperlinear_cuda not importable ({exc})")
-    return _avail_cache["cuda"]
-
-
-_logged: set = set()
-_log_lock = threading.Lock()
-
-
-def _log_once(key, msg, *args) -> None:
-    with _log_lock:
-        if key in _logged:
-            return
-        _logged.add(key)
-    log.info(msg, *args)
-
-
-# -- CPU workspace -------------------------------------------------------------------
-
-_tls = threading.local()
-
-
-def _cpu_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable ``[rows, cols]`` buffer for this thread and dtype: one buffer for
-    every layer (sized by the largest), never a per-layer float weight."""
-    bufs = getattr(_tls, "bufs", None)
-    if bufs is None:
-        bufs = _tls.bufs = {}
-    need = rows * cols
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < need:
-        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
-            buf = torch.empty(need, dtype=dtype)
-        bufs[dtype] = buf
-    return buf[:need].view(rows, cols)
-
-
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
-_MIN_PARALLEL_WEIGHTS = 1 << 16
-
-
-def _cpu_threads(rows: int, weights: int) -> int:
-    """How many threads share a CPU kernel call: ``torch.get_num_threads()``, or 1
-    for a layer too small to split."""
-    n = torch.get_num_threads()
-    if n <= 1 or weights < _MIN_PARALLEL_WEIGHTS or rows < 2 * n:
-        return 1
-    return n
-
-
-def _cpu_pool(n: int) -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < n - 1:
-            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hyperlinear-decode")
-        return _pool
-
-
-def _cpu_decode(k, theta: np.ndarray, lx: np.ndarray, ly: np.ndarray, out: np.ndarray) -> None:
-    """Split the rows over ``torch.get_num_threads()`` threads (the kernel releases
-    the GIL), the caller's thread taking one share."""
-    rows = theta.shape[0]
-    n = _cpu_threads(rows, out.size)
-    if n == 1:
-        k.decode_rows(theta, lx, ly, out)
-        return
-    pool = _cpu_pool(n)
-    bounds = [rows * i // n for i in range(n + 1)]
-    futs = [pool.submit(k.decode_rows, theta[a:b], lx, ly, out[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-    k.decode_rows(theta[: bounds[1]], lx, ly, out[: bounds[1]])
-    for f in futs:
-        f.result()
-
-
-_NO_BIAS = np.zeros(0, dtype=np.float32)
-
-
-def _cpu_fused(k, x: np.ndarray, theta: np.ndarray, lut_xy: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """``out = x W^T + bias`` by :func:`fused_rows` over contiguous row blocks, one per
-    thread (the caller's thread taking the first); no workspace, no OpenMP."""
-    rows = theta.shape[0]
-    n = _cpu_threads(rows, rows * x.shape[1])
-    if n == 1:
-        k.fused_rows(x, theta, lut_xy, bias, out, 0, rows)
-        return
-    pool = _cpu_pool(n)
-    bounds = [rows * i // n for i in range(n + 1)]
-    futs = [pool.submit(k.fused_rows, x, theta, lut_xy, bias, out, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-    k.fused_rows(x, theta, lut_xy, bias, out, 0, bounds[1])
-    for f in futs:
-        f.result()
-
+from .. import quant_primitives as qp
+from ..backends import Backend
+from ..codec import DTYPE_NAMES, CompressedTensor, RawTensor, compress_tensor, dtype_name
+from ..config import HyperCompressionConfig
+from ..errors import BackendUnavailableError, IndexRangeError
+from .cpu import _NO_BIAS, _cpu_decode, _cpu_fused, _cpu_path, _cpu_workspace
+from .cuda import _bits_f64, _cuda_forward, _CudaArgs, _f64_bits, _stamp
+from .probe import _cpu_kernels, _cuda_kernels, _log_once, numba_cpu_status, numba_cuda_status
+from . import tables
+from .tables import (
+    _CODE_DTYPES,
+    _COMPUTE_DTYPES,
+    _DTYPE_CODES,
+    _INT_VIEW,
+    _PAIR_VIEW,
+    HYPERLINEAR_VERSION,
+    UINT16_CODES,
+    HyperLinearError,
+    index_dtype,
+)
 
 # -- the module -------------------------------------------------------------------------
 
@@ -483,19 +276,19 @@ class HyperLinear(nn.Module):
         if b == Backend.NUMBA_CUDA.value:
             if not is_cuda:
                 raise BackendUnavailableError(f"{self.name}: numba-cuda backend got a {x.device.type} input")
-            return "cuda-fused" if tokens <= CUDA_FUSED_MAX_TOKENS else "cuda-decode"
+            return "cuda-fused" if tokens <= tables.CUDA_FUSED_MAX_TOKENS else "cuda-decode"
         # auto
         if x.device.type == "cpu":
-            small = tokens <= CPU_FUSED_MAX_TOKENS
+            small = tokens <= tables.CPU_FUSED_MAX_TOKENS
             ok, why = numba_cpu_status()
             path = _cpu_path(x, tokens) if ok else "reference"
-            limit = CPU_FUSED_MAX_TOKENS
+            limit = tables.CPU_FUSED_MAX_TOKENS
         elif is_cuda:
-            small, limit = tokens <= CUDA_FUSED_MAX_TOKENS, CUDA_FUSED_MAX_TOKENS
+            small, limit = tokens <= tables.CUDA_FUSED_MAX_TOKENS, tables.CUDA_FUSED_MAX_TOKENS
             ok, why = numba_cuda_status()
             path = ("cuda-fused" if small else "cuda-decode") if ok else "reference"
         else:
-            small, limit = tokens <= CUDA_FUSED_MAX_TOKENS, CUDA_FUSED_MAX_TOKENS
+            small, limit = tokens <= tables.CUDA_FUSED_MAX_TOKENS, tables.CUDA_FUSED_MAX_TOKENS
             ok, why, path = False, f"no numba kernels for device {x.device.type}", "reference"
         if x.dtype == torch.float64 and x.device.type == "cpu" and small and path == "cpu-decode":
             why = "fp64 input: the fused kernel accumulates in fp32"
@@ -515,13 +308,6 @@ class HyperLinear(nn.Module):
                 f"U={self.U}, K={self.K}, box_size={self.box_size:g}, index={str(self.theta.dtype).replace('torch.', '')}, "
                 f"bits_per_weight={bits:.2f}, weight_dtype={str(self.weight_dtype).replace('torch.', '')}, "
                 f"backend={self.backend}")
-
-
-@torch.compiler.disable  # numba kernels are opaque to dynamo: a graph break, not a crash
-def _cpu_path(x: torch.Tensor, tokens: int) -> str:
-    """numba-cpu: the fused kernel for a few tokens (fp32 accumulation, so not for
-    fp64 inputs), decode + torch matmul above."""
-    return "cpu-fused" if tokens <= CPU_FUSED_MAX_TOKENS and x.dtype != torch.float64 else "cpu-decode"
 
 
 def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
@@ -558,69 +344,6 @@ def _hyperlinear_forward(m: HyperLinear, x: torch.Tensor) -> torch.Tensor:
         _cpu_decode(k, m.theta.numpy(), lx.view(ivt).numpy(), ly.view(ivt).numpy(), w.view(ivt).numpy())
         return F.linear(x, w, m._bias_as(dtype, x.device))
     return _cuda_forward(m, x, path, tokens, needs_grad)
-
-
-def _cuda_forward(m: HyperLinear, x: torch.Tensor, path: str, tokens: int, needs_grad: bool) -> torch.Tensor:
-    """The numba-cuda paths. Also runs CPU tensors under ``NUMBA_ENABLE_CUDASIM=1``,
-    which is how CI tests this orchestration (the kernels then take host arrays)."""
-    k = _cuda_kernels()
-    dtype = x.dtype
-    if x.device.type == "cuda":
-        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        stream = k.stream_for(torch.cuda.current_stream(x.device).cuda_stream, dev)
-    else:
-        stream = 0
-    a = m._cuda_args(x.device, dtype)
-    if path == "cuda-fused" and not needs_grad:
-        # fp32 operands (the dtype's decoded weights and bias, widened), fp32
-        # accumulation with the bias added in the kernel, one cast of the output
-        x2 = x.detach().reshape(tokens, m.in_features).to(torch.float32).contiguous()
-        out = torch.empty(tokens, m.out_features, dtype=torch.float32, device=x.device)
-        _launch(k, a, ("fused", tokens, stream), stream, (x2,), (out,),
-                lambda xa, oa: k.fused_linear_call(xa, a.theta, a.lut_x32, a.lut_y32, oa, a.bias32))
-        return out.to(dtype).reshape(*x.shape[:-1], m.out_features)
-    w = torch.empty(m.out_features, m.in_features, dtype=dtype, device=x.device)
-    wv = w.view(_PAIR_VIEW[dtype] if a.lut_xy is not None else _INT_VIEW[dtype])
-    _launch(k, a, ("decode", stream), stream, (), (wv,),
-            lambda wa: k.decode_call(a.theta, a.lut_x, a.lut_y, a.lut_xy, wa))
-    return F.linear(x, w, m._bias_as(dtype, x.device))
-
-
-_MISSING = object()
-_fast_launch = {"ok": True}  # cleared for the process if a prepared launch ever disagrees with numba's
-
-
-def _launch(k, a: "_CudaArgs", key, stream, inputs: tuple, outputs: tuple, make_call) -> None:
-    """Run the kernel call ``make_call(*views of inputs + outputs)`` (a
-    ``KernelCall`` or ``None``) through the layer's prepared launch for ``key``
-    (made on first use and checked once against numba's own launch), or through
-    numba's dispatcher where none can be made (the simulator, for one)."""
-    tensors = inputs + outputs
-    pl = a.launches.get(key, _MISSING) if _fast_launch["ok"] else None
-    if pl is not None and pl is not _MISSING:
-        pl(*[t.data_ptr() for t in tensors])
-        return
-    call = make_call(*[k.kernel_arg(t) for t in tensors])
-    if call is None:  # nothing to compute
-        return
-    call.launch(stream)
-    if pl is None:
-        return
-    try:
-        pl = call.prepare(stream)
-    except k.FastLaunchUnavailable as exc:
-        _log_once(("fast-launch", str(exc)), "HyperLinear numba-cuda: launching through numba's dispatcher (%s)", exc)
-        a.launches[key] = None
-        return
-    # first use: the prepared launch must write, bit for bit, what numba's launch wrote
-    check = [torch.empty_like(t) for t in outputs]
-    pl(*[t.data_ptr() for t in inputs + tuple(check)])
-    if all(torch.equal(c.view(torch.uint8), t.view(torch.uint8)) for c, t in zip(check, outputs)):
-        a.launches[key] = pl
-    else:
-        _fast_launch["ok"] = False
-        log.warning("HyperLinear numba-cuda: a prepared launch disagreed with numba's own launch; "
-                    "launching through numba's dispatcher from now on")
 
 
 def hyperlinear_bytes(m: HyperLinear) -> dict[str, int]:
