@@ -43,7 +43,7 @@ from compressor import format as fmt
 from compressor.errors import BirkhoffError
 
 from . import lease as leases
-from .errors import CommitLeaseError, ConditionFailedError, StoreError, WorkflowError
+from .errors import CommitLeaseError, ConditionFailedError, NotCommittedError, StoreError, WorkflowError
 from .redaction import redact
 from .store import Store
 
@@ -262,3 +262,31 @@ def collect_garbage(store: Store, prefix: str, state: CheckpointState, *,
         log.info("%s: removed %d orphaned object(s) older than %.0f h", store.url(prefix), len(removed),
                  orphan_age / 3600)
     return removed
+
+
+# -- reading committed checkpoints ----------------------------------------------------
+
+def read_manifest(store: Store, prefix: str) -> dict:
+    try:
+        raw = store.get_bytes(prefix + MANIFEST)
+    except StoreError:
+        if not store.exists(prefix + MANIFEST):
+            raise NotCommittedError(f"{store.url(prefix)} holds no committed checkpoint (no {MANIFEST})",
+                                    key=prefix) from None
+        raise
+    return fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
+
+
+def fetch_checkpoint(store: Store, prefix: str, directory) -> Path:
+    """Download a committed checkpoint (manifest, shards, extra files) and verify it
+    with the compressor's loader checks. Refuses prefixes without a manifest."""
+    from compressor.checkpoint import CompressedCheckpoint
+
+    manifest = read_manifest(store, prefix)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in list(manifest["shards"]) + list(manifest.get("extra_files", {})):
+        store.get_file(prefix + name, d / name)
+    store.get_file(prefix + MANIFEST, d / MANIFEST)
+    CompressedCheckpoint.load(d)  # validates every shard checksum and tensor
+    return d

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     redaction.install(args.log_level)
     from compressor.errors import BirkhoffError
-    from workflows.driver import DEFAULT_MAX_SHARD_BYTES, RunOptions, git_commit, run_zoo
+    from workflows.driver import DEFAULT_MAX_SHARD_BYTES, RunOptions, git_commit
+    from workflows.zoo_run import run_zoo
     from workflows.store import LocalStore, S3Store, open_store
     from workflows.zoo import load_zoo
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray first: an explicit cluster that does not answer fails here, in one line, before any
     # MLflow run is opened; no address at all means a private local Ray on 127.0.0.1
     from eval_jobs.ray_cluster import RayUnavailableError
-    from workflows.driver import connect_ray
+    from workflows.cluster import connect_ray
 
     try:
         connect_ray(args.ray_address, args.workers, args.cpus_per_task)

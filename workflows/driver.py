@@ -26,7 +26,6 @@ import os
 import subprocess
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,23 +33,20 @@ from compressor import format as fmt
 from compressor.codec import CODEC_VERSION
 
 from . import commit as commits
-from .errors import NotCommittedError, StoreError, TransientStoreError, WorkflowError
+from .errors import StoreError, TransientStoreError, WorkflowError
 from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
 from .payloads import CompressJob, ResumeRecordError, ShardRecord, ShardResult, WorkUnit
 from .sharding import Shard, plan_shards, shard_count, shards_from_manifest
-from .shard_task import WORK_DIR, run_shard, warm_worker, work_key
+from .cluster import _cause, _cluster_slots, _task_memory
+from .shard_task import WORK_DIR, run_shard, work_key
 from .store import STALE_SECONDS, Store
-from .zoo import ModelSpec, Zoo, resolve_source
+from .zoo import ModelSpec, resolve_source
 
 log = logging.getLogger(__name__)
 
 MANIFEST = fmt.MANIFEST_NAME
 DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2
-_BASE_TASK_MEMORY = 512 * 1024**2
-# float64 working copy of the shard, its points, indices, the decoded check and
-# the packed output, relative to the source bytes of float32 tensors
-_MEMORY_PER_SOURCE_BYTE = 8
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -135,121 +131,6 @@ def git_commit(default: str = "unknown") -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return default
-
-
-# -- reading committed checkpoints ----------------------------------------------------
-
-def read_manifest(store: Store, prefix: str) -> dict:
-    try:
-        raw = store.get_bytes(prefix + MANIFEST)
-    except StoreError:
-        if not store.exists(prefix + MANIFEST):
-            raise NotCommittedError(f"{store.url(prefix)} holds no committed checkpoint (no {MANIFEST})",
-                                    key=prefix) from None
-        raise
-    return fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
-
-
-def fetch_checkpoint(store: Store, prefix: str, directory) -> Path:
-    """Download a committed checkpoint (manifest, shards, extra files) and verify it
-    with the compressor's loader checks. Refuses prefixes without a manifest."""
-    from compressor.checkpoint import CompressedCheckpoint
-
-    manifest = read_manifest(store, prefix)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    for name in list(manifest["shards"]) + list(manifest.get("extra_files", {})):
-        store.get_file(prefix + name, d / name)
-    store.get_file(prefix + MANIFEST, d / MANIFEST)
-    CompressedCheckpoint.load(d)  # validates every shard checksum and tensor
-    return d
-
-
-# -- Ray plumbing ---------------------------------------------------------------------
-
-_MAX_WARM_TASKS = 64
-_WARMING: list = []  # refs of the warm-up tasks connect_ray started, until wait_for_warm_workers
-
-
-def connect_ray(address: str | None = None, workers: int | None = None, cpus_per_task: int = 1) -> None:
-    """The cluster at ``address`` / ``RAY_ADDRESS`` (which must answer within 60 s, else
-    :class:`eval_jobs.ray_cluster.RayUnavailableError`), or, with neither, a private local
-    Ray on 127.0.0.1 whatever other Ray clusters on the machine did (see eval_jobs/ray_cluster.py).
-    Once connected, later calls do nothing."""
-    import sys
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return
-    from eval_jobs.ray_cluster import init_ray
-
-    init_ray(address, num_cpus=workers * cpus_per_task if workers else None, log_to_driver=True)
-    import ray  # after init_ray: it sets the loopback environment before ray is first imported
-
-    res = ray.cluster_resources()
-    log.info("Ray cluster: %s CPU, %s GPU, %.1f GiB memory", res.get("CPU", 0), res.get("GPU", 0),
-             res.get("memory", 0) / 2**30)
-    # one warm-up per task slot, awaited only before the first model (wait_for_warm_workers):
-    # workers start, import and load the kernel cache meanwhile (shard_task.warm_worker)
-    try:
-        slots, _, _ = _cluster_slots(workers, cpus_per_task)
-    except WorkflowError:  # no node fits a task: the model run says so
-        return
-    warm = ray.remote(warm_worker).options(name="warm_worker", num_cpus=cpus_per_task, max_retries=0)
-    _WARMING.extend(warm.remote() for _ in range(min(slots, _MAX_WARM_TASKS)))
-
-
-def wait_for_warm_workers(timeout: float = 180.0) -> None:
-    """Wait for the warm-up tasks :func:`connect_ray` started (worker start, imports,
-    kernel cache): a per-job cost, logged as such rather than added to the first
-    model's time. A failed or slow warm-up is only logged: the shard tasks import and
-    compile for themselves then."""
-    import ray
-
-    if not _WARMING:
-        return
-    refs = list(_WARMING)
-    _WARMING.clear()
-    t0 = time.perf_counter()
-    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    infos = []
-    for ref in done:
-        try:
-            infos.append(ray.get(ref))
-        except Exception as exc:  # the shard tasks will meet the same problem and report it
-            log.warning("worker warm-up failed: %s: %s", type(_cause(exc)).__name__, redact(_cause(exc)))
-    compiled = sum(i.get("compiled", 0) for i in infos)
-    log.info("%d worker(s) ready in %.1f s (kernel signatures: %d compiled, %d loaded from the cache)%s",
-             len(infos), time.perf_counter() - t0, compiled, sum(i.get("loaded_from_cache", 0) for i in infos),
-             f"; {len(pending)} still warming up" if pending else "")
-
-
-def _cluster_slots(workers: int | None, cpus_per_task: int = 1) -> tuple[int, bool, float]:
-    """(parallel task slots, GPUs present, largest node memory in bytes)."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    slots = gpus if gpus else int(res.get("CPU", 1)) // max(1, cpus_per_task)
-    if workers:
-        slots = min(slots, workers) if slots else workers
-    alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    node_mem = max((r.get("memory", 0) for r in alive), default=0)
-    if not gpus and max((r.get("CPU", 0) for r in alive), default=0) < cpus_per_task:
-        raise WorkflowError(f"no Ray node has {cpus_per_task} CPUs for one shard task (lower --cpus-per-task)")
-    return max(1, slots), gpus > 0, float(node_mem)
-
-
-def _task_memory(shard: Shard, node_mem: float) -> int:
-    want = _BASE_TASK_MEMORY + _MEMORY_PER_SOURCE_BYTE * shard.nbytes
-    if node_mem and want > 0.9 * node_mem:
-        log.warning("shard %s wants %.1f GiB, more than any node offers; requesting %.1f GiB",
-                    shard.stem, want / 2**30, 0.9 * node_mem / 2**30)
-        want = int(0.9 * node_mem)
-    return int(want)
-
-
-def _cause(exc: BaseException) -> BaseException:
-    return getattr(exc, "cause", None) or exc
 
 
 # -- one model --------------------------------------------------------------------------
@@ -550,115 +431,3 @@ def _manifest_metrics(manifest: dict, source_bytes: int, manifest_bytes: int) ->
         "compressed_tensors": comp,
         "raw_tensors": len(tensors) - comp,
     }
-
-
-# -- the zoo ------------------------------------------------------------------------------
-
-def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, zoo_params: dict | None = None,
-            ray_address: str | None = None) -> list[ModelOutcome]:
-    outcomes: list[ModelOutcome] = []
-    parent = None
-    if tracker:
-        tracker.mark_stale_runs()
-        parent = tracker.start_parent(f"zoo:{zoo.name}", dict(zoo_params or {}, models=[m.name for m in models],
-                                                               git_commit=opts.git_commit,
-                                                               codec_version=CODEC_VERSION))
-    connect_ray(ray_address, opts.workers, opts.cpus_per_task)
-    wait_for_warm_workers()
-    from .redaction import protect_handlers
-
-    protect_handlers()  # Ray adds logging handlers of its own at init
-    status = "FAILED"
-    try:
-        for i, spec in enumerate(models, 1):
-            log.info("[%d/%d] %s: source %s", i, len(models), spec.name, redact_uri(spec.source))
-            child = tracker.start_child(parent, spec.name) if tracker else None
-            t0 = time.perf_counter()
-            try:
-                mrun = ModelRun(spec, opts, tracker, child, parent)
-                out = mrun.run()
-            except Exception as exc:  # one model's failure must not stop the zoo
-                err = f"{type(exc).__name__}: {redact(exc)}"
-                log.error("%s: FAILED after %.1f s: %s", spec.name, time.perf_counter() - t0, err)
-                log.debug("%s traceback:\n%s", spec.name, redact(traceback.format_exc()))
-                out = ModelOutcome(spec.name, "failed", error=err)
-                if tracker:
-                    _log_failure(tracker, child, err, traceback.format_exc())
-            else:
-                log.info("%s: %s in %.1f s%s", spec.name, out.status, time.perf_counter() - t0,
-                         f" (ratio {out.metrics['ratio']:.3f}x, MAE {out.metrics['mae']:.3g})"
-                         if out.metrics else "")
-                if tracker:
-                    _log_success(tracker, child, out)
-                if spec.eval and (opts.eval_mode == "all"
-                                  or (opts.eval_mode == "new" and out.status in ("compressed", "repaired"))):
-                    _evaluate(zoo, spec, mrun, out, opts, tracker, child)
-            out.run_id = child
-            outcomes.append(out)
-            if tracker:
-                tracker.heartbeat(parent, every=0)
-        status = "FINISHED" if all(o.status != "failed" and not o.eval_error for o in outcomes) else "FAILED"
-    finally:
-        if tracker:
-            try:
-                counts = {s: sum(1 for o in outcomes if o.status == s)
-                          for s in ("compressed", "repaired", "skipped", "failed")}
-                tracker.log_metrics(parent, {f"models_{k}": v for k, v in counts.items()})
-                tracker.finish(parent, status)
-            except Exception as exc:
-                log.warning("could not close the MLflow parent run: %s", redact(exc))
-    return outcomes
-
-
-def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, opts: RunOptions, tracker,
-              child: str | None) -> None:
-    """Evaluate the committed checkpoint against its source on the zoo's datasets,
-    fanned out on the same Ray cluster, logged as a run nested under the model's.
-    A failed evaluation is reported (and fails the zoo run) but never touches the
-    committed checkpoint."""
-    from eval_jobs.runner import evaluate_compressed
-
-    from .zoo import resolve_dataset
-
-    t0 = time.perf_counter()
-    try:
-        datasets = [resolve_dataset(zoo, name, cache_dir=opts.cache_dir) for name in spec.eval]
-        log.info("%s: evaluating on %s", spec.name, ", ".join(spec.eval))
-        with tempfile.TemporaryDirectory(prefix="birkhoff-eval-") as d:
-            local = fetch_checkpoint(opts.store, mrun.prefix, Path(d) / "checkpoint")
-            results, run_id = evaluate_compressed(
-                str(local), datasets, original=mrun.local_source, executor="ray", parent_run_id=child,
-                tracking_uri=tracker.tracking_uri if tracker else None, name=spec.name)
-        out.eval_metrics = dict(results.metrics)
-        log.info("%s: evaluated in %.1f s%s", spec.name, time.perf_counter() - t0,
-                 "".join(f", {k} {v:.4f}" for k, v in sorted(results.metrics.items())
-                         if k.startswith("fidelity_miou/") and v is not None)[:400])
-    except Exception as exc:  # the checkpoint stands; the evaluation is reported as failed
-        out.eval_error = f"{type(exc).__name__}: {redact(exc)}"
-        log.error("%s: evaluation FAILED: %s", spec.name, out.eval_error)
-        log.debug("%s eval traceback:\n%s", spec.name, redact(traceback.format_exc()))
-        if tracker and child:
-            try:
-                tracker.client.set_tag(child, "birkhoff.eval_error", out.eval_error[:4000])
-            except Exception as tag_exc:
-                log.warning("could not tag the eval failure: %s", redact(tag_exc))
-
-
-def _log_success(tracker, child: str, out: ModelOutcome) -> None:
-    try:
-        tracker.log_metrics(child, out.metrics)
-        tracker.set_tags(child, {"birkhoff.status": out.status, "birkhoff.checkpoint_uri": out.checkpoint_uri})
-        tracker.finish(child, "FINISHED")
-    except Exception as exc:  # the checkpoint is committed; bookkeeping must not fail the model
-        log.warning("%s: MLflow logging failed: %s", out.name, redact(exc))
-
-
-def _log_failure(tracker, child: str, err: str, tb: str) -> None:
-    try:
-        tracker.set_tags(child, {"birkhoff.status": "failed", "birkhoff.error": err})
-        with tempfile.TemporaryDirectory(prefix="birkhoff-err-") as d:
-            (Path(d) / "error.txt").write_text(redact(err) + "\n\n" + redact(tb))
-            tracker.log_artifacts(child, d)
-        tracker.finish(child, "FAILED")
-    except Exception as exc:
-        log.warning("MLflow logging of a failure failed: %s", redact(exc))
