@@ -4,7 +4,7 @@ Pure NumPy/torch (plus Numba kernels loaded on first use); no Ray, boto3 or
 MLflow here, so that any worker or notebook can import it cheaply.
 
 ``HyperLinear``, ``apply_hyperlinear`` and ``load_model`` load on first access
-(PEP 562): ``hyperlinear.py`` marks its forward with ``torch.compiler.disable``,
+(PEP 562): ``hyperlinear/module.py`` marks its forward with ``torch.compiler.disable``,
 which imports ``torch._dynamo`` (1-4 s), and a shard task that only compresses
 never needs it.
 """

@@ -15,8 +15,8 @@ decode tables of ``quant_primitives.decode_lut``:
   thread of its small thread pool. fp32 in, fp32 accumulate, fp32 out.
 
 Neither uses ``prange``: next to torch's OpenMP pool on 2 cores a ``prange`` version
-of the product measured 12 ms instead of 0.3 ms per call, so the threads are a
-small Python pool over GIL-free kernels instead.
+of the product was many times slower per call (two spinning runtimes; figures in
+docs/BENCHMARKS.md), so the threads are a small Python pool over GIL-free kernels.
 
 Indices are trusted here: HyperLinear validates ``theta < U*(K+1)`` once when it
 is built, so the hot loops carry no bounds checks.
@@ -34,9 +34,9 @@ def decode_rows(theta, lut_x, lut_y, out):
     an odd ``in`` drops the last y (the codec's padding).
 
     Serial and GIL-free: callers split the rows over threads (HyperLinear uses a
-    small thread pool). A ``prange`` version measured 12 ms instead of 0.3 ms per
-    call with numba's ``omp`` layer next to torch's own OpenMP pool on 2 cores
-    (two spinning runtimes), so the kernel stays out of numba's threading layer."""
+    small thread pool). A ``prange`` version was many times slower with numba's
+    ``omp`` layer next to torch's own OpenMP pool on 2 cores (two spinning
+    runtimes), so the kernel stays out of numba's threading layer."""
     rows = theta.shape[0]
     n_in = out.shape[1]
     full = n_in // 2

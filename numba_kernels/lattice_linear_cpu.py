@@ -29,8 +29,8 @@ matmul, through float64 like the checkpoint's own decode, so ``W`` equals
 ``V2Tensor.decode()`` bit for bit.
 
 Serial and GIL-free: the caller splits the rows over a small thread pool (the
-project's HyperLinear measured numba's ``prange`` pool next to torch's OpenMP pool
-at 40x slower per call on 2 cores).
+project's HyperLinear found numba's ``prange`` pool next to torch's OpenMP pool
+far slower per call on 2 cores; figures in docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

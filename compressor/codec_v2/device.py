@@ -26,8 +26,8 @@ FUSED_MAX_TOKENS = 32
 INT8_LO, INT8_HI = -128, 127
 # A call shares its rows with the pool threads only above this many multiply-adds:
 # handing work to a pool thread costs tens of microseconds, as much as the whole
-# 768x2304 one-token product on one core (measured 56 us on one thread against
-# 82-120 us on two, 2-core VM under load; see note i12)
+# 768x2304 one-token product on one core (one thread beat two on a loaded 2-core
+# VM; figures in docs/BENCHMARKS.md)
 _MIN_PARALLEL_MACS = 1 << 22
 
 

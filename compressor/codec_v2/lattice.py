@@ -19,8 +19,8 @@ O(1) to the nearest point of a 2-D lattice -- and changes three things:
   It is the union of two rectangular cosets, so the nearest point is two roundings
   and one comparison (Conway & Sloane). Its normalized second moment is 0.0802
   against 0.0833 for the square grid (and for the paper's sheared grid, which is
-  a square grid with a tiny shear): 0.17 dB less error at the same rate, measured in
-  benchmarks/bench_codec_v2_design.py.
+  a square grid with a tiny shear): less error at the same rate, measured by
+  benchmarks/bench_codec_v2_design.py (figures in docs/BENCHMARKS.md).
 
 Arithmetic is float64 in a fixed operation order, without FMA contraction, so that
 the CPU and CUDA kernels reproduce it exactly:
