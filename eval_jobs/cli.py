@@ -43,7 +43,7 @@ def register(subparsers, resolve_source=None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="subset and random-point seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.add_argument("--executor", choices=("local", "ray"),
-                   help="local: this process; ray: one Ray task per dataset shard (default: ray when "
+                   help="local: this process; ray: one Ray task per dataset subset (default: ray when "
                         "--ray-address or RAY_ADDRESS is set, else local)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster to fan out to")
     p.add_argument("--shards", type=int, help="shards per dataset (default: 1 locally, the cluster's CPUs on Ray)")

@@ -1,7 +1,7 @@
 """Evaluation datasets: COCO / LVIS instance JSON and SA-1B per-image JSON.
 
 Everything here is plain data (dataclasses of numbers and strings) so that a
-shard of images travels to a Ray worker cheaply; masks are decoded on the
+subset of images travels to a Ray worker cheaply; masks are decoded on the
 worker, from the annotation's own segmentation (polygons or RLE), with
 pycocotools.
 
@@ -329,8 +329,9 @@ def select_images(ds: Dataset, limit: int | None, seed: int) -> tuple[ImageEntry
     return tuple(usable[i] for i in pick)
 
 
-def shard(entries: Sequence[ImageEntry], n: int) -> list[tuple[ImageEntry, ...]]:
-    """Split into at most ``n`` contiguous, non-empty shards of near-equal size."""
+def split_subsets(entries: Sequence[ImageEntry], n: int) -> list[tuple[ImageEntry, ...]]:
+    """Split into at most ``n`` contiguous, non-empty subsets of near-equal size (one
+    evaluation task each)."""
     n = max(1, min(int(n), len(entries)))
     bounds = np.linspace(0, len(entries), n + 1).round().astype(int)
     return [tuple(entries[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

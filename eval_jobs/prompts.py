@@ -1,7 +1,7 @@
 """The paper's prompt types, drawn from the ground truth with a seed.
 
 Every random draw comes from a generator seeded by ``(seed, image_id, prompt
-type)``, so an object gets the same prompt whichever shard, worker or model
+type)``, so an object gets the same prompt whichever subset, worker or model
 handles it: the original and the compressed model always see identical prompts.
 
 Coordinates are in the original image's pixels, ``(x, y)``, a pixel's centre

@@ -1,7 +1,7 @@
-"""Evaluation: one task per (model, dataset shard), then an exact aggregation.
+"""Evaluation: one task per (model, dataset subset), then an exact aggregation.
 
 A task loads the original and the compressed model (through ``ModelLoader``s),
-and for each image of its shard computes the embedding once per model, runs
+and for each image of its subset computes the embedding once per model, runs
 every prompt type batched, and returns per-object IoUs (against the ground truth
 and between the two models), COCO results for mAP, a few overlay pictures and
 timings. ``aggregate`` sorts every value by (prompt, image, object) and takes
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .datasets import Dataset, DatasetSpec, ImageEntry, decode_masks, load_dataset, load_image, select_images, shard
+from .datasets import Dataset, DatasetSpec, ImageEntry, decode_masks, load_dataset, load_image, select_images, split_subsets
 from .errors import DatasetSpecError
 from .lvis_ap import load_lvis, lvis_mask_ap
 from .metrics import batch_iou, coco_mask_ap, exact_mean, load_coco, segm_results
@@ -107,10 +107,10 @@ def model_under_test(compressed: str, datasets: Sequence[DatasetSpec], original:
 
 
 @dataclass(frozen=True)
-class ShardTask:
+class SubsetTask:
     model: ModelUnderTest
     dataset: DatasetSpec
-    shard_index: int
+    subset_index: int
     entries: tuple[ImageEntry, ...]
     config: EvalConfig
     overlay_ids: tuple[int, ...] = ()
@@ -120,10 +120,10 @@ class ShardTask:
 
 
 @dataclass
-class ShardResult:
+class SubsetResult:
     model: str
     dataset: str
-    shard_index: int
+    subset_index: int
     # (prompt, image_id, ann_id, iou_original, iou_compressed, fidelity)
     scores: list[tuple[str, int, int, float, float, float]] = field(default_factory=list)
     # (image_id, row, fidelity) of detector-box prompts
@@ -144,7 +144,7 @@ _CACHE_SIZE = 2  # the original and the compressed model of the task at hand
 
 
 def _predictor(path: str, loader: ModelLoader, cfg: EvalConfig) -> SamPredictor:
-    """Models stay loaded in a (Ray worker) process across the shards it runs."""
+    """Models stay loaded in a (Ray worker) process across the subsets it runs."""
     key = (path, getattr(loader, "__module__", ""), getattr(loader, "__qualname__", repr(loader)),
            cfg.device, cfg.max_prompts)
     if key in _PREDICTORS:
@@ -165,8 +165,8 @@ def _run(pred: SamPredictor, image: np.ndarray, batches: dict[Any, PromptBatch])
     return out, time.perf_counter() - t0
 
 
-def evaluate_shard(task: ShardTask) -> ShardResult:
-    """Run both models on one shard of one dataset."""
+def evaluate_subset(task: SubsetTask) -> SubsetResult:
+    """Run both models on one subset of one dataset."""
     import torch
 
     cfg = task.config
@@ -174,7 +174,7 @@ def evaluate_shard(task: ShardTask) -> ShardResult:
         torch.set_num_threads(int(cfg.torch_threads))
     orig = _predictor(task.model.original, task.load_original, cfg)
     comp = _predictor(task.model.compressed, task.load_compressed, cfg)
-    res = ShardResult(task.model.name, task.dataset.name, task.shard_index, worker_pid=os.getpid())
+    res = SubsetResult(task.model.name, task.dataset.name, task.subset_index, worker_pid=os.getpid())
     for entry in task.entries:
         image = load_image(entry)
         objs = list(entry.eval_objects())
@@ -265,7 +265,7 @@ def _clean(x: float) -> float | None:
 
 
 def aggregate(model: ModelUnderTest, cfg: EvalConfig, selected: dict[str, tuple[Dataset, tuple[ImageEntry, ...]]],
-              results: Sequence[ShardResult]) -> EvalResults:
+              results: Sequence[SubsetResult]) -> EvalResults:
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}
     ds_info = []
@@ -324,10 +324,10 @@ def aggregate(model: ModelUnderTest, cfg: EvalConfig, selected: dict[str, tuple[
 # -- planning and execution ------------------------------------------------------------
 def plan(models: Sequence[ModelUnderTest], cfg: EvalConfig, shards_per_dataset: int, *,
          load_original: ModelLoader = default_loader, load_compressed: ModelLoader = default_loader,
-         ) -> tuple[list[ShardTask], dict[str, dict[str, tuple[Dataset, tuple[ImageEntry, ...]]]]]:
+         ) -> tuple[list[SubsetTask], dict[str, dict[str, tuple[Dataset, tuple[ImageEntry, ...]]]]]:
     """The tasks, and per model the selected images of each dataset."""
     loaded: dict[DatasetSpec, Dataset] = {}
-    tasks: list[ShardTask] = []
+    tasks: list[SubsetTask] = []
     selected: dict[str, dict] = {}
     for m in models:
         selected[m.name] = {}
@@ -338,29 +338,29 @@ def plan(models: Sequence[ModelUnderTest], cfg: EvalConfig, shards_per_dataset: 
             entries = select_images(ds, cfg.limit, cfg.seed)
             selected[m.name][spec.name] = (ds, entries)
             overlay_ids = tuple(e.image_id for e in entries[:cfg.overlay_images])
-            for i, part in enumerate(shard(entries, shards_per_dataset)):
-                tasks.append(ShardTask(m, spec, i, part, cfg, overlay_ids, load_original, load_compressed,
+            for i, part in enumerate(split_subsets(entries, shards_per_dataset)):
+                tasks.append(SubsetTask(m, spec, i, part, cfg, overlay_ids, load_original, load_compressed,
                                        with_map=ds.has_map))
     return tasks, selected
 
 
-def _run_local(tasks: Sequence[ShardTask]) -> list[ShardResult]:
+def _run_local(tasks: Sequence[SubsetTask]) -> list[SubsetResult]:
     from tqdm.auto import tqdm
 
-    return [evaluate_shard(t) for t in tqdm(tasks, desc="eval shards", unit="shard", disable=len(tasks) < 2)]
+    return [evaluate_subset(t) for t in tqdm(tasks, desc="eval subsets", unit="subset", disable=len(tasks) < 2)]
 
 
-def _run_ray(tasks: Sequence[ShardTask]) -> list[ShardResult]:
+def _run_ray(tasks: Sequence[SubsetTask]) -> list[SubsetResult]:
     import ray
     from tqdm.auto import tqdm
 
-    remote = ray.remote(evaluate_shard)
-    refs = [remote.options(num_cpus=t.config.task_cpus, name=f"eval:{t.model.name}:{t.dataset.name}:{t.shard_index}")
+    remote = ray.remote(evaluate_subset)
+    refs = [remote.options(num_cpus=t.config.task_cpus, name=f"eval:{t.model.name}:{t.dataset.name}:{t.subset_index}")
             .remote(_ray_task(t)) for t in tasks]
     index = {r: i for i, r in enumerate(refs)}
-    out: list[ShardResult | None] = [None] * len(refs)
+    out: list[SubsetResult | None] = [None] * len(refs)
     pending = list(refs)
-    with tqdm(total=len(refs), desc="eval shards (ray)", unit="shard") as bar:
+    with tqdm(total=len(refs), desc="eval subsets (ray)", unit="subset") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for r in done:
@@ -369,7 +369,7 @@ def _run_ray(tasks: Sequence[ShardTask]) -> list[ShardResult]:
     return out  # type: ignore[return-value]
 
 
-def _ray_task(t: ShardTask) -> ShardTask:
+def _ray_task(t: SubsetTask) -> SubsetTask:
     """A Ray task gets ``task_cpus`` cores: use that many torch threads unless told otherwise."""
     if t.config.torch_threads:
         return t
@@ -388,7 +388,7 @@ def run_eval(models: Sequence[ModelUnderTest], cfg: EvalConfig = EvalConfig(), *
              load_compressed: ModelLoader = default_loader) -> list[EvalResults]:
     """Evaluate every model on its datasets; one ``EvalResults`` per model, in order.
 
-    ``executor="ray"`` fans out one Ray task per (model, dataset shard) on the cluster
+    ``executor="ray"`` fans out one Ray task per (model, dataset subset) on the cluster
     at ``ray_address`` (a local one when ``None`` and none is running).
     """
     if executor not in ("local", "ray"):

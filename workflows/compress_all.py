@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     redaction.install(args.log_level)
     from compressor.errors import BirkhoffError
-    from workflows.driver import DEFAULT_MAX_SHARD_BYTES, RunOptions, git_commit
+    from workflows.driver import DEFAULT_MAX_UNIT_SOURCE_BYTES, RunOptions, git_commit
     from workflows.zoo_run import run_zoo
     from workflows.store import LocalStore, S3Store, open_store
     from workflows.zoo import load_zoo
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     redaction.protect_handlers()  # MLflow and Ray add handlers of their own
     opts = RunOptions(
         store=store, force=args.force, workers=args.workers,
-        max_shard_bytes=args.max_shard_bytes if args.max_shard_bytes is not None else DEFAULT_MAX_SHARD_BYTES,
+        max_shard_bytes=args.max_shard_bytes if args.max_shard_bytes is not None else DEFAULT_MAX_UNIT_SOURCE_BYTES,
         task_retries=args.task_retries,
         cpus_per_task=args.cpus_per_task,
         backend=args.backend, cache_dir=args.cache_dir, log_level=args.log_level, eval_mode=args.eval_mode,

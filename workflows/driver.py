@@ -37,7 +37,7 @@ from .errors import StoreError, TransientStoreError, WorkflowError
 from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
 from .payloads import CompressJob, ResumeRecordError, ShardRecord, ShardResult, WorkUnit
-from .sharding import Shard, plan_shards, shard_count, shards_from_manifest
+from .sharding import Shard, plan_work_units, shard_count, work_units_from_manifest
 from .cluster import _cause, _cluster_slots, _task_memory
 from .shard_task import WORK_DIR, run_shard, work_key
 from .store import STALE_SECONDS, Store
@@ -46,7 +46,9 @@ from .zoo import ModelSpec, resolve_source
 log = logging.getLogger(__name__)
 
 MANIFEST = fmt.MANIFEST_NAME
-DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2
+# source bytes per Ray work unit (each unit becomes one file shard); not the file-shard cap of
+# compressor.checkpoint.DEFAULT_MAX_SHARD_BYTES
+DEFAULT_MAX_UNIT_SOURCE_BYTES = 512 * 1024**2
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -58,7 +60,7 @@ class RunOptions:
     store: Store
     force: bool = False
     workers: int | None = None
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    max_shard_bytes: int = DEFAULT_MAX_UNIT_SOURCE_BYTES
     task_retries: int = 3
     cpus_per_task: int = 1
     backend: str = "auto"
@@ -237,7 +239,7 @@ class ModelRun:
         """The shards to produce, and those an incomplete committed checkpoint still
         holds intact (repair: its own plan, recomputing only what is damaged)."""
         if seen.manifest is not None and not seen.complete and not self.opts.force:
-            shards = shards_from_manifest(index, seen.manifest)
+            shards = work_units_from_manifest(index, seen.manifest)
             if shards:
                 kept: dict[int, ShardResult] = {}
                 for s in shards:
@@ -245,7 +247,7 @@ class ModelRun:
                     if file not in seen.damaged:
                         kept[s.index] = _record_from_manifest(seen.manifest, s, file)
                 return shards, kept
-        return plan_shards(index, shard_count(src.weight_bytes, len(index), slots, self.opts.max_shard_bytes)), {}
+        return plan_work_units(index, shard_count(src.weight_bytes, len(index), slots, self.opts.max_shard_bytes)), {}
 
     def _compress_and_commit(self, src, source_hash, prefix, index, params, seen, t0) -> ModelOutcome:
         spec = self.spec

@@ -1,4 +1,6 @@
-"""Splitting a checkpoint's tensors into shards balanced by element count.
+"""Splitting a checkpoint's tensors into Ray work units balanced by element count;
+each unit becomes one file shard of the checkpoint (``Shard`` below is the planned
+unit; ``compressor.format.plan_shards`` plans files of a local save instead).
 
 Pure functions over the tensor index (names, shapes, sizes), so the driver plans
 without reading any tensor data. Longest-processing-time-first: tensors in
@@ -58,7 +60,7 @@ def shard_count(total_bytes: int, n_tensors: int, workers: int, max_shard_bytes:
     return max(1, min(n_tensors, max(workers, by_size)))
 
 
-def plan_shards(index: Sequence, n_shards: int) -> list[Shard]:
+def plan_work_units(index: Sequence, n_shards: int) -> list[Shard]:
     """``index``: objects with ``name``, ``numel`` and ``nbytes`` (``TensorInfo``)."""
     if not index:
         return []
@@ -80,7 +82,7 @@ def plan_shards(index: Sequence, n_shards: int) -> list[Shard]:
     ]
 
 
-def shards_from_manifest(index: Sequence, manifest: dict) -> list[Shard] | None:
+def work_units_from_manifest(index: Sequence, manifest: dict) -> list[Shard] | None:
     """The plan a committed manifest was written with (tensors grouped by the shard
     each is stored in, shards in manifest order), so a repair recomputes only the
     shards that are missing or damaged. None when the manifest does not list

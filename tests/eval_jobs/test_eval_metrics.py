@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from eval_jobs.datasets import DatasetSpec, load_dataset, select_images, shard
+from eval_jobs.datasets import DatasetSpec, load_dataset, select_images, split_subsets
 from eval_jobs.errors import DatasetError, DatasetSpecError
 from eval_jobs.metrics import batch_iou, coco_mask_ap, exact_mean, load_coco, mask_iou, segm_results
 from eval_jobs.prompts import ALL_PROMPTS, PromptType, build_prompts, mask_center_point, parse_prompts
@@ -157,7 +157,7 @@ def test_datasets_load_all_formats_and_subset_deterministically(syn):
     assert sub == select_images(coco, 3, seed=1) and len(sub) == 3
     assert [e.image_id for e in sub] == sorted(e.image_id for e in sub)
     assert select_images(coco, 3, seed=2) != sub or len(coco.images) == 3
-    parts = shard(coco.images, 4)
+    parts = split_subsets(coco.images, 4)
     assert len(parts) == 4 and sum(parts, ()) == coco.images
 
 

@@ -13,14 +13,14 @@ from compressor.errors import SourceChangedError
 from compressor.sources import open_source
 from workflows.payloads import CompressJob, ResumeRecordError, ShardResult, WorkUnit
 from workflows.shard_task import run_shard
-from workflows.sharding import plan_shards
+from workflows.sharding import plan_work_units
 from workflows.store import open_store
 
 
 def _job(src_path, store, sha):
     src = open_source(str(src_path))
     index = src.tensor_index()
-    (shard,) = plan_shards(index, 1)
+    (shard,) = plan_work_units(index, 1)
     return CompressJob(
         model="tiny", source=str(src_path), source_sha256=sha, revision=None,
         config=HyperCompressionConfig(points=(1600,)).to_dict(), store=store.spec(), prefix="tiny/p/",

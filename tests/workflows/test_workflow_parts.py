@@ -16,7 +16,7 @@ import pytest
 
 from workflows import redaction
 from workflows.errors import NotCommittedError, StoreError, TransientStoreError, ZooError
-from workflows.sharding import plan_shards, shard_count
+from workflows.sharding import plan_work_units, shard_count
 from workflows.store import LocalStore, S3Store, open_store
 from workflows.zoo import load_zoo, parse_zoo, resolve_source
 
@@ -32,7 +32,7 @@ class T:
 
 def test_shards_balanced_by_elements_and_deterministic():
     index = [T(f"t{i}", n, 4 * n) for i, n in enumerate([1000, 10, 500, 499, 7, 1, 300, 200])]
-    shards = plan_shards(index, 2)
+    shards = plan_work_units(index, 2)
     assert sorted(n for s in shards for n in s.names) == sorted(t.name for t in index)
     loads = [s.numel for s in shards]
     # longest-first greedy: within 4/3 of the optimum (1259 here), and no worse than the biggest tensor
@@ -40,9 +40,9 @@ def test_shards_balanced_by_elements_and_deterministic():
     order = [t.name for t in index]
     for s in shards:
         assert list(s.names) == sorted(s.names, key=order.index)  # source order inside a shard
-    assert plan_shards(index, 2) == shards
+    assert plan_work_units(index, 2) == shards
     assert [s.stem for s in shards] == ["shard-00001-of-00002", "shard-00002-of-00002"]
-    assert len(plan_shards(index, 50)) == len(index)
+    assert len(plan_work_units(index, 50)) == len(index)
 
 
 def test_shard_count_bounds_memory_and_uses_every_worker():
