@@ -33,6 +33,7 @@ from compressor import format as fmt
 from compressor.codec import CODEC_VERSION
 
 from . import commit as commits
+from .commit import fetch_checkpoint  # noqa: F401  (callers and tests import it from the driver)
 from .errors import StoreError, TransientStoreError, WorkflowError
 from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
