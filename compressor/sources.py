@@ -22,21 +22,19 @@ What a source may be, checked before any data is read:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import pickle
 import re
 import stat
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
 from .errors import SourceError
+from .source_files import PICKLE, SAFETENSORS, ZIP, TensorInfo, _read_small, _stat, describe_mode, opened, sniff
+from .torch_files import _torch_index, _torch_load
 
 log = logging.getLogger(__name__)
 
@@ -65,107 +63,6 @@ HUB_SCHEME = "hf://"
 #: a shard index (``*.index.json``) larger than this is not one
 MAX_INDEX_BYTES = 64 << 20
 _MAX_INDEX_NODES = 1_000_000  # one per tensor in a real index
-
-# what a file's first bytes say it is
-ZIP, PICKLE, SAFETENSORS, UNKNOWN = "zip", "pickle", "safetensors", "unknown"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    numel: int
-    nbytes: int
-    file: str
-
-
-# -- opening files safely ----------------------------------------------------------------
-
-def describe_mode(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _stat(path, *, follow: bool = True) -> os.stat_result:
-    """``os.stat`` with each failure as a SourceError that says what it is."""
-    try:
-        return os.stat(path) if follow else os.lstat(path)
-    except FileNotFoundError:
-        raise SourceError("no such file or directory", file=str(path)) from None
-    except PermissionError:
-        raise SourceError("permission denied", file=str(path)) from None
-    except NotADirectoryError:
-        raise SourceError("a parent of the path is not a directory", file=str(path)) from None
-    except OSError as exc:
-        raise SourceError(f"cannot access: {exc.strerror}", file=str(path)) from None
-
-
-def _open_fd(path) -> tuple[int, os.stat_result]:
-    """Open a regular file for reading without ever blocking (O_NONBLOCK: a FIFO
-    does not wait for a writer); refuse anything else."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise SourceError("no such file or directory", file=str(path)) from None
-    except PermissionError:
-        raise SourceError("permission denied", file=str(path)) from None
-    except OSError as exc:
-        raise SourceError(f"cannot open: {exc.strerror}", file=str(path)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SourceError(f"is {describe_mode(st.st_mode)}, not a regular file", file=str(path))
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return fd, st
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _fd_path(fd: int, path) -> str:
-    """A path that opens exactly the file behind ``fd`` (Linux), else the path."""
-    proc = f"/proc/self/fd/{fd}"
-    return proc if os.path.exists(proc) else os.fspath(path)
-
-
-@contextlib.contextmanager
-def opened(path) -> Iterator[tuple[str, int, os.stat_result]]:
-    """``(path to open, fd, stat)`` for a checked regular file; closed on exit."""
-    fd, st = _open_fd(path)
-    try:
-        yield _fd_path(fd, path), fd, st
-    finally:
-        os.close(fd)
-
-
-def _read_small(path, limit: int) -> bytes:
-    with opened(path) as (_, fd, st):
-        if st.st_size > limit:
-            raise SourceError(f"is {st.st_size} bytes, above the {limit}-byte cap for this kind of file",
-                              file=str(path))
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(limit + 1)[:limit]
-
-
-def sniff(fd: int, size: int) -> str:
-    """What a file is, from its first bytes."""
-    head = os.pread(fd, 16, 0) if hasattr(os, "pread") else b""
-    if head.startswith(b"PK\x03\x04"):
-        return ZIP
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        return PICKLE
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 8 + n <= size:
-            return SAFETENSORS
-    return UNKNOWN
 
 
 # -- the source -----------------------------------------------------------------------
@@ -326,83 +223,6 @@ def _safetensors_read(f: Path, names: list[str]) -> Iterator[tuple[str, torch.Te
         raise
     except Exception as exc:
         raise SourceError(f"cannot read safetensors data: {exc}", file=str(f)) from exc
-
-
-# -- PyTorch state dicts ----------------------------------------------------------
-
-def _torch_load(f: Path) -> dict[str, torch.Tensor]:
-    kw = dict(map_location="cpu", weights_only=True)
-    with opened(f) as (p, fd, st):
-        is_zip = sniff(fd, st.st_size) == ZIP
-        try:
-            # mmap avoids reading every tensor up front; it needs the zip format
-            obj = torch.load(p, mmap=is_zip, **kw)
-        except pickle.UnpicklingError as exc:
-            raise SourceError(
-                "refused: the file needs code execution to unpickle (only weights_only=True loading is allowed); "
-                f"convert it to safetensors. Detail: {str(exc).splitlines()[0] if str(exc) else ''}",
-                file=str(f)) from exc
-        except Exception as exc:
-            raise SourceError(f"not a readable PyTorch checkpoint: {type(exc).__name__}: {str(exc)[:500]}",
-                              file=str(f)) from exc
-    return _as_state_dict(obj, f)
-
-
-def _is_tensor_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _string_keys(d: dict, f: Path) -> dict[str, torch.Tensor]:
-    """Keys as strings; two keys with one string form (``1`` and ``"1"``) would
-    silently lose a tensor, so they are refused."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in d.items():
-        if not isinstance(k, (str, int)) or isinstance(k, bool):
-            raise SourceError(f"state dict key {k!r} is a {type(k).__name__}, not a string", file=str(f),
-                              tensor=str(k))
-        name = str(k)
-        if name in out:
-            raise SourceError(f"two state dict keys read as the same name {name!r} (e.g. 1 and '1')",
-                              file=str(f), tensor=name)
-        out[name] = v
-    return out
-
-
-def _as_state_dict(obj, f: Path) -> dict[str, torch.Tensor]:
-    if _is_tensor_dict(obj):
-        return _string_keys(obj, f)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
-            inner = obj.get(key)
-            if _is_tensor_dict(inner):
-                log.info("%s: using the nested %r state dict", f, key)
-                return _string_keys(inner, f)
-    if isinstance(obj, dict) and not obj:
-        raise SourceError("the state dict holds no tensors", file=str(f))
-    bad = None
-    if isinstance(obj, dict):
-        bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
-    raise SourceError("not a state dict of tensors" + (f" (entry {bad!r} is not a tensor)" if bad is not None else ""),
-                      file=str(f), tensor=None if bad is None else str(bad))
-
-
-def _torch_index(d: dict[str, torch.Tensor], f: Path) -> list[TensorInfo]:
-    from .codec import TORCH_TO_NAME
-
-    out = []
-    for k, t in d.items():
-        if t.is_meta:
-            raise SourceError("tensor is on the meta device: it has a shape but no data", file=str(f), tensor=k)
-        if t.layout != torch.strided or t.is_nested:
-            raise SourceError(f"tensor is {'nested' if t.is_nested else t.layout}, not dense (strided); "
-                              "convert it with .to_dense()", file=str(f), tensor=k)
-        if t.is_quantized:
-            raise SourceError(f"quantized tensor ({t.dtype}) is not supported", file=str(f), tensor=k)
-        dt = TORCH_TO_NAME.get(t.dtype)
-        if dt is None:
-            raise SourceError(f"unsupported dtype {t.dtype}", file=str(f), tensor=k)
-        out.append(TensorInfo(k, tuple(t.shape), dt, t.numel(), t.numel() * t.element_size(), str(f)))
-    return out
 
 
 # -- opening ----------------------------------------------------------------------
