@@ -22,9 +22,11 @@ TRAINED = Path(__file__).resolve().parents[2] / "eval_jobs" / "trained" / "sam-s
 CODEC_SETTINGS = {
     "default": HyperCompressionConfig(),
 }
-# A 4 x 4 lattice in a box 8x the default's, and no raw fallback: every weight lands
-# on one of 16 points per class, about 40x the default's error.
-COARSE = HyperCompressionConfig(box_size=0.8, points=(16,), max_classes=1, target_mae=1.0, fallback_mae=1.0)
+# A 4 x 4 lattice in a box 8x the default's, and no raw fallback (neither the absolute
+# one nor the relative one, whose default 0.5 would keep nearly every tensor raw here):
+# every weight lands on one of 16 points per class, about 40x the default's error.
+COARSE = HyperCompressionConfig(box_size=0.8, points=(16,), max_classes=1, target_mae=1.0, fallback_mae=1.0,
+                                relative_fallback=None)
 
 
 @pytest.mark.parametrize("name", sorted(CODEC_SETTINGS))
