@@ -34,7 +34,7 @@ CONFIG_VERSION = 1
 
 # Relative step q of each preset for linear weights (embedding tables get
 # ``embedding_factor`` times it). Chosen on the DESIGN sentences of
-# benchmarks/sentences.py (docs in /work/notes/i12.md and bench_frontier.py):
+# benchmarks/sentences.py (docs/BENCHMARKS.md, codec v2; benchmarks/bench_frontier.py):
 # faithful ~ mean cosine 0.993, small ~ 0.985 on MiniLM, with margin over the
 # acceptance floors (0.990 and 0.975) for sentences not seen.
 PRESETS: dict[str, float] = {"faithful": 0.12, "small": 0.19}

@@ -199,7 +199,7 @@ def z2_nearest(ux: np.ndarray, uy: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 def sheared_nearest(ux: np.ndarray, uy: np.ndarray, k: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The paper's trajectory lattice made unbounded: rows ``b`` (height ``b``), row
-    ``b`` shifted by ``b/k`` (``shared/HYPERCOMPRESSION.md`` section 3 with ``l/k = 1``).
+    ``b`` shifted by ``b/k`` (``docs/HYPERCOMPRESSION.md`` section 3 with ``l/k = 1``).
     Exact nearest point: the rows next to ``uy`` and, in each, the nearest column."""
     ux = np.asarray(ux, dtype=np.float64)
     uy = np.asarray(uy, dtype=np.float64)
