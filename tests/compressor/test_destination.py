@@ -429,4 +429,5 @@ def test_inspect_escapes_markup_in_names(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "[/x] [bold]w[/bold]" in out.out
-    assert "[/c]" in out.out
+    # the title (the path) wraps at the table's width, which a long TMPDIR exceeds
+    assert "[/c]" in "".join(out.out.split())
