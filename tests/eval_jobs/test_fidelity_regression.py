@@ -22,9 +22,11 @@ TRAINED = Path(__file__).resolve().parents[2] / "eval_jobs" / "trained" / "sam-s
 CODEC_SETTINGS = {
     "default": HyperCompressionConfig(),
 }
-# A 4 x 4 lattice in a box 8x the default's, and no raw fallback: every weight lands
-# on one of 16 points per class, about 40x the default's error.
-COARSE = HyperCompressionConfig(box_size=0.8, points=(16,), max_classes=1, target_mae=1.0, fallback_mae=1.0)
+# A 4 x 4 lattice in a box 8x the default's, and no raw fallback (neither the absolute
+# nor the relative one): every weight lands on one of 16 points per class, about 40x
+# the default's error.
+COARSE = HyperCompressionConfig(box_size=0.8, points=(16,), max_classes=1, target_mae=1.0, fallback_mae=1.0,
+                                relative_fallback=None)
 
 
 @pytest.mark.parametrize("name", sorted(CODEC_SETTINGS))
@@ -32,7 +34,7 @@ def test_codec_keeps_box_miou_within_one_percent(name, tmp_path):
     rep = fidelity_check(TRAINED, CODEC_SETTINGS[name], work_dir=tmp_path)
     # a check where the codec kept everything raw would prove nothing
     assert rep.compressed_fraction >= 0.9, rep.describe()
-    assert rep.miou_original >= 0.7, rep.describe()  # a trained model (measured 0.725): the figures mean something
+    assert rep.miou_original >= 0.74, rep.describe()  # a trained model (measured 0.775): the figures mean something
     assert rep.passed, f"codec setting {name!r} breaks the 1 % promise: {rep.describe()}"
     assert rep.fidelity >= 0.9, rep.describe()
 
