@@ -91,8 +91,8 @@ class TrainConfig:
     box_weight: float = 3.0      # loss weights of the three prompt kinds: box mIoU is the promised figure
     point1_weight: float = 1.0
     point2_weight: float = 1.0
-    alternate_points: bool = False  # one point / two points on alternate steps (cheaper steps; measured: slower learning)
-    balance_fade: float = 0.3    # class-balanced BCE fades linearly into plain BCE by this share of the steps (0: never)
+    alternate_points: bool = False  # 1pt / 2pt on alternate steps (cheaper steps; measured: learns slower)
+    balance_fade: float = 0.3    # balanced BCE fades linearly into plain BCE by this share of steps (0: never)
 
     def __post_init__(self) -> None:
         if self.version != TRAIN_CONFIG_VERSION:
