@@ -7,8 +7,8 @@ training lowers the loss and writes a model directory the evaluation loads.
 
 The thresholds below are the committed model's measured level less a small
 margin (a regression guard). Issue 14 asks for held-out box mIoU >= 0.75; this
-model reaches 0.68-0.72 depending on the held-out set (docs/EVALUATION.md), so
-that target is not met yet.
+model reaches 0.775 on the tests' set (24 images, seed 7) but 0.735 on the
+script's own report set (48 images, seed 90210): docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_committed_model_is_the_scripts_output():
     assert prov["weights"] == "trained" and prov["script"] == "python -m eval_jobs.train_sam"
     rep = prov["report"]
     assert rep["config"] == TrainConfig().to_dict()  # the default config: regenerable by the plain command
-    assert rep["heldout"]["miou/box"] >= 0.65 and rep["heldout"]["map"] > 0.3  # measured 0.677 and 0.367
+    assert rep["heldout"]["miou/box"] >= 0.71 and rep["heldout"]["map"] > 0.45  # measured 0.735 and 0.486
     assert rep["losses"][-1] < rep["losses"][0] / 2
     size = (TRAINED / "model.safetensors").stat().st_size
     assert size < 5 * 2**20, f"the committed fixture must stay small, got {size} bytes"
@@ -62,14 +62,14 @@ def test_committed_model_segments_heldout_images(heldout):
     r = run_eval([model_under_test(str(TRAINED), specs, original=str(TRAINED))], EvalConfig(overlay_images=0))[0]
     m = r.metrics
     assert r.weights == "trained" and r.fidelity_meaningful
-    # measured: box 0.725 (coco) / 0.728 (lvis); two points 0.65; one point 0.62-0.69;
-    # mask AP 0.46 (COCO) and 0.46 (LVIS federated). A random-init SAM scores about 0.09 and 0.
+    # measured (coco): box 0.775; two points 0.68; one point 0.60-0.74; mask AP 0.57.
+    # A random-init SAM scores about 0.09 and 0.
     for ds in ("coco", "lvis"):
-        assert m[f"miou_original/{ds}/box"] >= 0.70, m
-        assert m[f"miou_original/{ds}/mask_rand2"] >= 0.6, m
+        assert m[f"miou_original/{ds}/box"] >= 0.74, m
+        assert m[f"miou_original/{ds}/mask_rand2"] >= 0.63, m
     for p in ("box_center", "mask_center", "mask_rand1"):  # one point is ambiguous: lower, far above chance
         assert m[f"miou_original/coco/{p}"] >= 0.55, m
-    assert m["map_original/coco"] > 0.4 and m["map_original/lvis"] > 0.4, m
+    assert m["map_original/coco"] > 0.5 and m["map_original/lvis"] > 0.5, m
     assert r.counts["coco/box"] >= 2.5 * HELDOUT_IMAGES  # several objects per image
 
 
