@@ -216,6 +216,7 @@ class HyperCompressionConfig:
 
 
 def _short(v: Any, n: int = 80) -> str:
+    """``repr`` cut short: an error message must not echo a 60 MB value."""
     try:
         text = repr(v)
     except ValueError:  # an int too long to print

@@ -11,7 +11,7 @@ import torch
 
 from .. import quant_primitives as qp
 from ..codec import CODEC_VERSION, CompressedTensor, RawTensor
-from ..config import HyperCompressionConfig
+from ..config import HyperCompressionConfig, _short  # one cut-short repr for every error message
 from ..errors import ConfigError, DuplicateTensorError, ManifestError, SizeLimitError, UnknownFormatError
 from .fsio import atomic_file, open_regular
 from .schema import (
@@ -83,15 +83,6 @@ class _Spec(NamedTuple):
     n_points: int = 0
     bits: int = 0
     n_codes: int = 0  # U * (K + 1): every index must be below it
-
-
-def _short(v: Any, n: int = 80) -> str:
-    """``repr`` cut short: an error message must not echo a 60 MB value."""
-    try:
-        text = repr(v)
-    except ValueError:  # an int too long to print
-        return f"<{type(v).__name__} too large to print>"
-    return text if len(text) <= n else text[:n] + "..."
 
 
 def _check_sha(v: Any, path: str, what: str, tensor: str | None = None) -> str:
