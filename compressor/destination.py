@@ -307,11 +307,16 @@ def missing_parents(path) -> list[str]:
             raise DestinationError("a parent of the destination is not a directory", file=path) from None
         except PermissionError:
             raise DestinationError(f"permission denied on {cur}", file=path) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise DestinationError(f"parent {cur} is {_describe_mode(st.st_mode)}, not a directory", file=path)
-        if not os.access(cur, os.W_OK | os.X_OK):
-            raise DestinationError(f"parent directory {cur} is not writable", file=path)
+        _require_writable_dir(cur, st, path)
         return list(reversed(missing))
+
+
+def _require_writable_dir(d: str, st: os.stat_result, path: str) -> None:
+    """The parent ``d`` (already stat'ed) of ``path`` must be a directory we may write in."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise DestinationError(f"parent {d} is {_describe_mode(st.st_mode)}, not a directory", file=path)
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise DestinationError(f"parent directory {d} is not writable", file=path)
 
 
 def make_parents(missing: list[str]) -> list[str]:
@@ -361,10 +366,7 @@ def check_output_file(out, *, overwrite: bool, protected_dirs: Iterable = (),
         raise DestinationError("a parent of the output is not a directory", file=out) from None
     except PermissionError:
         raise DestinationError(f"permission denied on {parent}", file=out) from None
-    if not stat.S_ISDIR(pst.st_mode):
-        raise DestinationError(f"parent {parent} is {_describe_mode(pst.st_mode)}, not a directory", file=out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DestinationError(f"parent directory {parent} is not writable", file=out)
+    _require_writable_dir(parent, pst, out)
     for d in protected_dirs:
         if _inside(_real(out), _real(d)) or _inside(out, os.path.abspath(os.fspath(d))):
             raise DestinationError(f"output lies inside {d}, which this command reads: "
