@@ -34,6 +34,11 @@ def _rebuild_dataset_error(cls, message, file, item):
     return cls(message, file=file, item=item)
 
 
+class DatasetChangedError(DatasetError):
+    """A worker's copy of a dataset is not the one the driver planned with (its
+    annotations hash differently)."""
+
+
 class DatasetSpecError(EvalError, ConfigError):
     """A ``--dataset`` or ``--prompts`` value cannot be parsed."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
@@ -23,18 +22,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .aggregation import DET_BOX, EvalResults, aggregate
+from .dataset_locator import DatasetLocator, annotations_sha256, locate
 from .datasets import Dataset, DatasetSpec, ImageEntry, decode_masks, load_dataset, load_image, select_images, split_subsets
 from .errors import DatasetSpecError
-from .lvis_ap import load_lvis, lvis_mask_ap
-from .metrics import batch_iou, coco_mask_ap, exact_mean, load_coco, segm_results
+from .metrics import batch_iou, segm_results
 from .models import ModelLoader, SamPredictor, SourceResolver, default_loader, is_compressed_dir, recorded_source
 from .prompts import ALL_PROMPTS, PromptBatch, PromptType, build_prompts, parse_prompts, xywh_to_xyxy
-from .provenance import RANDOM_INIT_NOTE, weights_kind
 
 log = logging.getLogger(__name__)
 
 EVAL_CONFIG_VERSION = 1
-DET_BOX = "det_box"  # fidelity of the detector-box masks (the mAP run's prompts)
 
 
 @dataclass(frozen=True)
@@ -80,12 +78,18 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ModelUnderTest:
-    """A compressed model, its original, and the datasets it is evaluated on."""
+    """A compressed model, its original, and the datasets it is evaluated on.
+
+    ``compressed`` and ``original`` are what the loaders are called with: local
+    paths for the default loader, store and source URIs for the workflow's (which
+    fetch and check them on the worker). ``weights`` is the original's provenance
+    (``eval_jobs.provenance``) when ``original`` is not a local directory to read it from."""
 
     compressed: str
     original: str
     datasets: tuple[DatasetSpec, ...]
     name: str = ""
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -117,6 +121,9 @@ class SubsetTask:
     load_original: ModelLoader = default_loader
     load_compressed: ModelLoader = default_loader
     with_map: bool = False
+    # on another node: where this dataset is there, and the annotations' hash it must have
+    locate_dataset: DatasetLocator | None = None
+    annotations_sha256: str | None = None
 
 
 @dataclass
@@ -172,161 +179,89 @@ def evaluate_subset(task: SubsetTask) -> SubsetResult:
     cfg = task.config
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
+    entries = locate(task.dataset, task.entries, task.locate_dataset, task.annotations_sha256)
     orig = _predictor(task.model.original, task.load_original, cfg)
     comp = _predictor(task.model.compressed, task.load_compressed, cfg)
     res = SubsetResult(task.model.name, task.dataset.name, task.subset_index, worker_pid=os.getpid())
-    for entry in task.entries:
-        image = load_image(entry)
-        objs = list(entry.eval_objects())
-        gt = decode_masks(entry, objs)
-        keep = gt.reshape(len(gt), -1).any(axis=1) if len(gt) else np.zeros(0, dtype=bool)
-        objs = [o for o, k in zip(objs, keep) if k]  # an empty mask has nothing to prompt
-        gt = gt[keep]
-        bboxes = np.array([o.bbox for o in objs], dtype=np.float64).reshape(-1, 4)
-        batches: dict[Any, PromptBatch] = dict(build_prompts(entry.image_id, bboxes, gt, cfg.prompts, cfg.seed))
-        map_key = None
-        if task.with_map:
-            if entry.detections:
-                map_key = DET_BOX
-                batches[DET_BOX] = PromptBatch(PromptType.BOX, boxes=xywh_to_xyxy([d.bbox for d in entry.detections]))
-            elif PromptType.BOX in batches:
-                map_key = PromptType.BOX
-            else:
-                map_key = "gt_box"
-                batches[map_key] = PromptBatch(PromptType.BOX, boxes=xywh_to_xyxy(bboxes))
-        out_o, t_o = _run(orig, image, batches)
-        out_c, t_c = _run(comp, image, batches)
-        res.seconds_original += t_o
-        res.seconds_compressed += t_c
-        res.images += 1
-        for kind in cfg.prompts:
-            if kind not in out_o:
-                continue
-            (m_o, _), (m_c, _) = out_o[kind], out_c[kind]
-            iou_o, iou_c, fid = batch_iou(m_o, gt), batch_iou(m_c, gt), batch_iou(m_c, m_o)
-            for j, o in enumerate(objs):
-                res.scores.append((kind.value, entry.image_id, o.ann_id, float(iou_o[j]), float(iou_c[j]),
-                                   float(fid[j])))
-        if map_key is not None and map_key in out_o:
-            if map_key == DET_BOX:
-                cats = [d.category_id for d in entry.detections]
-                det_scores = [d.score for d in entry.detections]
-                fid = batch_iou(out_c[DET_BOX][0], out_o[DET_BOX][0])
-                res.det_fidelity.extend((entry.image_id, j, float(f)) for j, f in enumerate(fid))
-            else:
-                cats = [o.category_id for o in objs]
-                det_scores = None
-            for store, out in ((res.segm_original, out_o), (res.segm_compressed, out_c)):
-                masks, iou_scores = out[map_key]
-                # A detector's box carries its confidence; a ground-truth box only the model's IoU estimate.
-                scores = det_scores if det_scores is not None else iou_scores
-                for j, r in enumerate(segm_results(entry.image_id, cats, masks, scores)):
-                    store.append(((entry.image_id, j), r))
-        if entry.image_id in task.overlay_ids and any(k in out_o for k in cfg.prompts):
-            from .reporting import overlay_panels
-
-            kind = PromptType.BOX if PromptType.BOX in out_o else next(k for k in cfg.prompts if k in out_o)
-            res.overlays.append({"dataset": task.dataset.name, "image_id": entry.image_id, "prompt": kind.value,
-                                 **overlay_panels(image, gt, out_o[kind][0], out_c[kind][0], batches[kind])})
+    for entry in entries:
+        _evaluate_image(task, entry, orig, comp, res)
     return res
 
 
-# -- aggregation ----------------------------------------------------------------------
-@dataclass
-class EvalResults:
-    """Every metric of one model; ``metrics`` is flat and JSON-able."""
+def _evaluate_image(task: SubsetTask, entry: ImageEntry, orig: SamPredictor, comp: SamPredictor,
+                    res: SubsetResult) -> None:
+    """One image: every prompt type through both models, scored into ``res``."""
+    cfg = task.config
+    image = load_image(entry)
+    objs = list(entry.eval_objects())
+    gt = decode_masks(entry, objs)
+    keep = gt.reshape(len(gt), -1).any(axis=1) if len(gt) else np.zeros(0, dtype=bool)
+    objs = [o for o, k in zip(objs, keep) if k]  # an empty mask has nothing to prompt
+    gt = gt[keep]
+    bboxes = np.array([o.bbox for o in objs], dtype=np.float64).reshape(-1, 4)
+    batches: dict[Any, PromptBatch] = dict(build_prompts(entry.image_id, bboxes, gt, cfg.prompts, cfg.seed))
+    map_key = _map_prompts(task, entry, bboxes, batches) if task.with_map else None
+    out_o, t_o = _run(orig, image, batches)
+    out_c, t_c = _run(comp, image, batches)
+    res.seconds_original += t_o
+    res.seconds_compressed += t_c
+    res.images += 1
+    for kind in cfg.prompts:
+        if kind not in out_o:
+            continue
+        (m_o, _), (m_c, _) = out_o[kind], out_c[kind]
+        iou_o, iou_c, fid = batch_iou(m_o, gt), batch_iou(m_c, gt), batch_iou(m_c, m_o)
+        for j, o in enumerate(objs):
+            res.scores.append((kind.value, entry.image_id, o.ann_id, float(iou_o[j]), float(iou_c[j]), float(fid[j])))
+    if map_key is not None and map_key in out_o:
+        _score_map(entry, objs, map_key, out_o, out_c, res)
+    if entry.image_id in task.overlay_ids and any(k in out_o for k in cfg.prompts):
+        from .reporting import overlay_panels
 
-    model: str
-    compressed: str
-    original: str
-    config: dict
-    datasets: list[dict]
-    metrics: dict[str, float]
-    counts: dict[str, int]
-    timings: dict[str, float]
-    overlays: list[dict] = field(default_factory=list, repr=False)
-    # where the original's weights come from (``eval_jobs.provenance``): "trained",
-    # "random-init" or "unknown"; a random-init model's figures are noise
-    weights: str = "unknown"
-
-    @property
-    def fidelity_meaningful(self) -> bool:
-        return self.weights != "random-init"
-
-    def to_json_dict(self) -> dict:
-        return {"model": self.model, "compressed": self.compressed, "original": self.original,
-                "config": self.config, "datasets": self.datasets, "metrics": self.metrics,
-                "counts": self.counts, "timings": self.timings, "weights": self.weights,
-                "fidelity_meaningful": self.fidelity_meaningful}
+        kind = PromptType.BOX if PromptType.BOX in out_o else next(k for k in cfg.prompts if k in out_o)
+        res.overlays.append({"dataset": task.dataset.name, "image_id": entry.image_id, "prompt": kind.value,
+                             **overlay_panels(image, gt, out_o[kind][0], out_c[kind][0], batches[kind])})
 
 
-def _clean(x: float) -> float | None:
-    return None if isinstance(x, float) and math.isnan(x) else x
+def _map_prompts(task: SubsetTask, entry: ImageEntry, bboxes: np.ndarray, batches: dict) -> Any:
+    """The prompts mask mAP is scored on (added to ``batches`` when new): a detector's
+    boxes where the dataset has them, else the ground-truth boxes."""
+    if entry.detections:
+        batches[DET_BOX] = PromptBatch(PromptType.BOX, boxes=xywh_to_xyxy([d.bbox for d in entry.detections]))
+        return DET_BOX
+    if PromptType.BOX in batches:
+        return PromptType.BOX
+    batches["gt_box"] = PromptBatch(PromptType.BOX, boxes=xywh_to_xyxy(bboxes))
+    return "gt_box"
 
 
-def aggregate(model: ModelUnderTest, cfg: EvalConfig, selected: dict[str, tuple[Dataset, tuple[ImageEntry, ...]]],
-              results: Sequence[SubsetResult]) -> EvalResults:
-    metrics: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    ds_info = []
-    order = {p.value: i for i, p in enumerate(ALL_PROMPTS)}
-    for ds_name, (ds, entries) in selected.items():
-        mine = [r for r in results if r.dataset == ds_name]
-        rows = sorted((s for r in mine for s in r.scores), key=lambda s: (order[s[0]], s[1], s[2]))
-        ds_info.append({**ds.spec.to_dict(), "images": len(entries),
-                        "objects": sum(len(e.eval_objects()) for e in entries)})
-        for kind in cfg.prompts:
-            sel = [s for s in rows if s[0] == kind.value]
-            key = f"{ds_name}/{kind.value}"
-            counts[key] = len(sel)
-            m_o, m_c = exact_mean(s[3] for s in sel), exact_mean(s[4] for s in sel)
-            metrics[f"miou_original/{key}"] = m_o
-            metrics[f"miou/{key}"] = m_c
-            metrics[f"fidelity_miou/{key}"] = exact_mean(s[5] for s in sel)
-            metrics[f"miou_drop/{key}"] = m_o - m_c
-        det = sorted(d for r in mine for d in r.det_fidelity)
-        if det:
-            metrics[f"fidelity_miou/{ds_name}/{DET_BOX}"] = exact_mean(d[2] for d in det)
-            counts[f"{ds_name}/{DET_BOX}"] = len(det)
-        if ds.has_map:
-            ids = [e.image_id for e in entries]
-            if ds.spec.format == "lvis":  # federated AP; also per frequency group
-                lvis_gt = load_lvis(ds.spec.annotations)
-                ap_of = lambda dets: lvis_mask_ap(lvis_gt, dets, ids)  # noqa: E731
-                extra = ("apr", "apc", "apf")
-            else:
-                coco_gt = load_coco(ds.spec.annotations)
-                ap_of = lambda dets: coco_mask_ap(coco_gt, dets, ids)  # noqa: E731
-                extra = ()
-            ap = {}
-            for which, attr in (("original", "segm_original"), ("compressed", "segm_compressed")):
-                dets = [d for _, d in sorted((x for r in mine for x in getattr(r, attr)), key=lambda x: x[0])]
-                ap[which] = ap_of(dets)
-            for k in ("map", "mar") + extra:
-                metrics[f"{k}/{ds_name}"] = ap["compressed"][k]
-                metrics[f"{k}_original/{ds_name}"] = ap["original"][k]
-            metrics[f"map_drop/{ds_name}"] = ap["original"]["map"] - ap["compressed"]["map"]
-    images = sum(r.images for r in results)
-    t_o = sum(r.seconds_original for r in results)
-    t_c = sum(r.seconds_compressed for r in results)
-    timings = {"images": images, "seconds_original": t_o, "seconds_compressed": t_c,
-               "images_per_s_original": images / t_o if t_o else 0.0,
-               "images_per_s_compressed": images / t_c if t_c else 0.0}
-    overlays = sorted((o for r in results for o in r.overlays), key=lambda o: (o["dataset"], o["image_id"]))
-    weights = weights_kind(model.original)
-    if weights == "random-init":
-        log.warning("%s: the original %s has %s", model.name, model.original, RANDOM_INIT_NOTE)
-    return EvalResults(model.name, model.compressed, model.original, cfg.to_dict(), ds_info,
-                       {k: _clean(v) for k, v in sorted(metrics.items())}, dict(sorted(counts.items())),
-                       timings, overlays, weights)
+def _score_map(entry: ImageEntry, objs: list, map_key: Any, out_o: dict, out_c: dict, res: SubsetResult) -> None:
+    if map_key == DET_BOX:
+        cats = [d.category_id for d in entry.detections]
+        det_scores = [d.score for d in entry.detections]
+        fid = batch_iou(out_c[DET_BOX][0], out_o[DET_BOX][0])
+        res.det_fidelity.extend((entry.image_id, j, float(f)) for j, f in enumerate(fid))
+    else:
+        cats = [o.category_id for o in objs]
+        det_scores = None
+    for store, out in ((res.segm_original, out_o), (res.segm_compressed, out_c)):
+        masks, iou_scores = out[map_key]
+        # A detector's box carries its confidence; a ground-truth box only the model's IoU estimate.
+        scores = det_scores if det_scores is not None else iou_scores
+        for j, r in enumerate(segm_results(entry.image_id, cats, masks, scores)):
+            store.append(((entry.image_id, j), r))
 
 
 # -- planning and execution ------------------------------------------------------------
 def plan(models: Sequence[ModelUnderTest], cfg: EvalConfig, shards_per_dataset: int, *,
          load_original: ModelLoader = default_loader, load_compressed: ModelLoader = default_loader,
+         locate_dataset: DatasetLocator | None = None,
          ) -> tuple[list[SubsetTask], dict[str, dict[str, tuple[Dataset, tuple[ImageEntry, ...]]]]]:
-    """The tasks, and per model the selected images of each dataset."""
+    """The tasks, and per model the selected images of each dataset. With ``locate_dataset``
+    each task finds its dataset on its own node, and checks it against the annotations'
+    hash planned here."""
     loaded: dict[DatasetSpec, Dataset] = {}
+    hashes: dict[DatasetSpec, str | None] = {}
     tasks: list[SubsetTask] = []
     selected: dict[str, dict] = {}
     for m in models:
@@ -334,13 +269,15 @@ def plan(models: Sequence[ModelUnderTest], cfg: EvalConfig, shards_per_dataset: 
         for spec in m.datasets:
             if spec not in loaded:
                 loaded[spec] = load_dataset(spec)
+                hashes[spec] = annotations_sha256(spec) if locate_dataset is not None else None
             ds = loaded[spec]
             entries = select_images(ds, cfg.limit, cfg.seed)
             selected[m.name][spec.name] = (ds, entries)
             overlay_ids = tuple(e.image_id for e in entries[:cfg.overlay_images])
             for i, part in enumerate(split_subsets(entries, shards_per_dataset)):
                 tasks.append(SubsetTask(m, spec, i, part, cfg, overlay_ids, load_original, load_compressed,
-                                       with_map=ds.has_map))
+                                        with_map=ds.has_map, locate_dataset=locate_dataset,
+                                        annotations_sha256=hashes[spec]))
     return tasks, selected
 
 
@@ -385,7 +322,8 @@ def ray_cpus() -> int:
 
 def run_eval(models: Sequence[ModelUnderTest], cfg: EvalConfig = EvalConfig(), *, executor: str = "local",
              ray_address: str | None = None, load_original: ModelLoader = default_loader,
-             load_compressed: ModelLoader = default_loader) -> list[EvalResults]:
+             load_compressed: ModelLoader = default_loader,
+             locate_dataset: DatasetLocator | None = None) -> list[EvalResults]:
     """Evaluate every model on its datasets; one ``EvalResults`` per model, in order.
 
     ``executor="ray"`` fans out one Ray task per (model, dataset subset) on the cluster
@@ -403,7 +341,8 @@ def run_eval(models: Sequence[ModelUnderTest], cfg: EvalConfig = EvalConfig(), *
         n_shards = cfg.shards or ray_cpus()
     else:
         n_shards = cfg.shards or 1
-    tasks, selected = plan(models, cfg, n_shards, load_original=load_original, load_compressed=load_compressed)
+    tasks, selected = plan(models, cfg, n_shards, load_original=load_original, load_compressed=load_compressed,
+                           locate_dataset=locate_dataset)
     log.info("evaluating %d model(s) in %d task(s) (%s)", len(models), len(tasks), executor)
     results = _run_ray(tasks) if executor == "ray" else _run_local(tasks)
     return [aggregate(m, cfg, selected[m.name], [r for r in results if r.model == m.name]) for m in models]
@@ -414,14 +353,26 @@ def evaluate_compressed(compressed_dir: str, datasets: Sequence[str | DatasetSpe
                         parent_run_id: str | None = None, tracking_uri: str | None = None,
                         name: str = "", resolve_source: SourceResolver | None = None,
                         ) -> tuple[EvalResults, str | None]:
-    """The workflow's entry point: evaluate one compressed model on the datasets its zoo entry
-    lists (``"FORMAT:ANNOTATIONS:IMAGES"`` strings or specs) and, when ``parent_run_id`` or
-    ``tracking_uri`` is given, log a nested MLflow run. Returns (results, run id or None)."""
+    """Evaluate one compressed model directory on datasets (``"FORMAT:ANNOTATIONS:IMAGES"``
+    strings or specs) and, when ``parent_run_id`` or ``tracking_uri`` is given, log a
+    nested MLflow run. Returns (results, run id or None)."""
     from .datasets import unique_names
 
     specs = unique_names([d if isinstance(d, DatasetSpec) else DatasetSpec.parse(d) for d in datasets])
     model = model_under_test(compressed_dir, specs, original=original, name=name, resolve_source=resolve_source)
-    results = run_eval([model], config, executor=executor, ray_address=ray_address)[0]
+    return evaluate_and_log(model, config, executor=executor, ray_address=ray_address, parent_run_id=parent_run_id,
+                            tracking_uri=tracking_uri)
+
+
+def evaluate_and_log(model: ModelUnderTest, config: EvalConfig = EvalConfig(), *, executor: str = "ray",
+                     ray_address: str | None = None, parent_run_id: str | None = None,
+                     tracking_uri: str | None = None, load_original: ModelLoader = default_loader,
+                     load_compressed: ModelLoader = default_loader, locate_dataset: DatasetLocator | None = None,
+                     ) -> tuple[EvalResults, str | None]:
+    """The workflow's entry point: one model, its loaders (which may fetch it on the worker)
+    and, when ``parent_run_id`` or ``tracking_uri`` is given, a nested MLflow run."""
+    results = run_eval([model], config, executor=executor, ray_address=ray_address, load_original=load_original,
+                       load_compressed=load_compressed, locate_dataset=locate_dataset)[0]
     run_id = None
     if parent_run_id or tracking_uri:
         from .reporting import log_eval_to_mlflow

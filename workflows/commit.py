@@ -43,7 +43,8 @@ from compressor import format as fmt
 from compressor.errors import BirkhoffError
 
 from . import lease as leases
-from .errors import CommitLeaseError, ConditionFailedError, NotCommittedError, StoreError, WorkflowError
+from .errors import (CheckpointChangedError, CommitLeaseError, ConditionFailedError, NotCommittedError, StoreError,
+                     WorkflowError)
 from .redaction import redact
 from .store import Store
 
@@ -266,27 +267,43 @@ def collect_garbage(store: Store, prefix: str, state: CheckpointState, *,
 
 # -- reading committed checkpoints ----------------------------------------------------
 
-def read_manifest(store: Store, prefix: str) -> dict:
+def read_manifest_bytes(store: Store, prefix: str) -> bytes:
+    """The committed manifest's bytes; :class:`NotCommittedError` where there is none."""
     try:
-        raw = store.get_bytes(prefix + MANIFEST)
+        return store.get_bytes(prefix + MANIFEST)
     except StoreError:
         if not store.exists(prefix + MANIFEST):
             raise NotCommittedError(f"{store.url(prefix)} holds no committed checkpoint (no {MANIFEST})",
                                     key=prefix) from None
         raise
-    return fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
 
 
-def fetch_checkpoint(store: Store, prefix: str, directory) -> Path:
+def read_manifest(store: Store, prefix: str) -> dict:
+    return fmt.parse_manifest(read_manifest_bytes(store, prefix), store.url(prefix + MANIFEST))
+
+
+def fetch_checkpoint(store: Store, prefix: str, directory, *, manifest_sha256: str | None = None) -> Path:
     """Download a committed checkpoint (manifest, shards, extra files) and verify it
-    with the compressor's loader checks. Refuses prefixes without a manifest."""
-    from compressor.checkpoint import CompressedCheckpoint
+    with the compressor's loader checks. Refuses prefixes without a manifest and, with
+    ``manifest_sha256``, a commit other than that one (:class:`CheckpointChangedError`):
+    the manifest is read once, its shards are content-addressed, so the files fetched
+    are exactly those it lists."""
+    import hashlib
 
-    manifest = read_manifest(store, prefix)
+    from compressor.checkpoint import CompressedCheckpoint
+    from compressor.format.fsio import atomic_file
+
+    raw = read_manifest_bytes(store, prefix)
+    got = hashlib.sha256(raw).hexdigest()
+    if manifest_sha256 is not None and got != manifest_sha256:
+        raise CheckpointChangedError(f"{store.url(prefix)}: the committed manifest's sha256 is {got[:16]}..., "
+                                     f"expected {manifest_sha256[:16]}...: another commit replaced it")
+    manifest = fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for name in list(manifest["shards"]) + list(manifest.get("extra_files", {})):
         store.get_file(prefix + name, d / name)
-    store.get_file(prefix + MANIFEST, d / MANIFEST)
+    with atomic_file(str(d), MANIFEST) as tmp:
+        Path(tmp).write_bytes(raw)
     CompressedCheckpoint.load(d)  # validates every shard checksum and tensor
     return d

@@ -54,3 +54,8 @@ class CommitLeaseError(WorkflowError):
 class NotCommittedError(StoreError):
     """The key holds no committed checkpoint (no manifest.json): staging objects
     of an unfinished run are never readable as a checkpoint."""
+
+
+class CheckpointChangedError(WorkflowError):
+    """A committed checkpoint is not the commit a reader was pointed at (its manifest's
+    sha256 differs): it was replaced meanwhile."""

@@ -252,11 +252,16 @@ def load_zoo(path) -> Zoo:
 # -- sources --------------------------------------------------------------------------
 
 def resolve_dataset(zoo: Zoo, name: str, *, cache_dir=None) -> str:
-    """The eval_jobs ``--dataset`` value of a zoo dataset; the synthetic demo set is
-    generated once into the cache (same seed, same bytes; keyed by the generator's
-    version) and shared by its COCO, LVIS and SA-1B forms."""
-    spec = zoo.datasets[name]
-    if spec in SYNTHETIC_FORMS:
+    """The eval_jobs ``--dataset`` value of a zoo dataset (see :func:`dataset_value`)."""
+    return dataset_value(name, zoo.datasets[name], Path(zoo.path).resolve().parent, cache_dir=cache_dir)
+
+
+def dataset_value(name: str, entry: str, base_dir: Path, *, cache_dir=None) -> str:
+    """The eval_jobs ``--dataset`` value of the zoo dataset ``name: entry``, on this node.
+    The synthetic demo set is generated once into this node's cache (same seed, same
+    bytes; keyed by the generator's version) and shared by its COCO, LVIS and SA-1B
+    forms; relative paths are relative to the zoo file's folder (``base_dir``)."""
+    if entry in SYNTHETIC_FORMS:
         from eval_jobs.synthetic import SYNTHETIC_VERSION, write_synthetic
 
         root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "datasets" / \
@@ -275,12 +280,10 @@ def resolve_dataset(zoo: Zoo, name: str, *, cache_dir=None) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
         paths = {"coco": f"{root / 'coco.json'}:{root / 'images'}", "lvis": f"{root / 'lvis.json'}:{root / 'images'}",
                  "sa1b": f"{root / 'sa1b'}:{root / 'images'}"}
-        fmt_ = SYNTHETIC_FORMS[spec]
+        fmt_ = SYNTHETIC_FORMS[entry]
         return f"{name}={fmt_}:{paths[fmt_]}"
-    parts = spec.split(":")
-    base = Path(zoo.path).resolve().parent
-    fmt_, *paths = parts
-    resolved = [str(p if Path(p).is_absolute() else base / p) for p in paths]
+    fmt_, *paths = entry.split(":")
+    resolved = [str(p if Path(p).is_absolute() else Path(base_dir) / p) for p in paths]
     return f"{name}={fmt_}:" + ":".join(resolved)
 
 

@@ -4,6 +4,7 @@ under one parent run."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import time
@@ -13,7 +14,6 @@ from pathlib import Path
 from compressor.codec import CODEC_VERSION
 
 from .cluster import connect_ray, wait_for_warm_workers
-from .commit import fetch_checkpoint
 from .driver import ModelOutcome, ModelRun, RunOptions
 from .redaction import redact, redact_uri
 from .zoo import ModelSpec, Zoo
@@ -83,21 +83,13 @@ def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, op
               child: str | None) -> None:
     """Evaluate the committed checkpoint against its source on the zoo's datasets,
     fanned out on the same Ray cluster, logged as a run nested under the model's.
-    A failed evaluation is reported (and fails the zoo run) but never touches the
-    committed checkpoint."""
-    from eval_jobs.runner import evaluate_compressed
-
-    from .zoo import resolve_dataset
-
+    The tasks get store and source URIs, never a path of this node
+    (``workflows.eval_inputs``). A failed evaluation is reported (and fails the zoo
+    run) but never touches the committed checkpoint."""
     t0 = time.perf_counter()
     try:
-        datasets = [resolve_dataset(zoo, name, cache_dir=opts.cache_dir) for name in spec.eval]
         log.info("%s: evaluating on %s", spec.name, ", ".join(spec.eval))
-        with tempfile.TemporaryDirectory(prefix="birkhoff-eval-") as d:
-            local = fetch_checkpoint(opts.store, mrun.prefix, Path(d) / "checkpoint")
-            results, run_id = evaluate_compressed(
-                str(local), datasets, original=mrun.local_source, executor="ray", parent_run_id=child,
-                tracking_uri=tracker.tracking_uri if tracker else None, name=spec.name)
+        results, _ = _evaluate_on_cluster(zoo, spec, mrun, opts, tracker, child)
         out.eval_metrics = dict(results.metrics)
         log.info("%s: evaluated in %.1f s%s", spec.name, time.perf_counter() - t0,
                  "".join(f", {k} {v:.4f}" for k, v in sorted(results.metrics.items())
@@ -111,6 +103,30 @@ def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, op
                 tracker.client.set_tag(child, "birkhoff.eval_error", out.eval_error[:4000])
             except Exception as tag_exc:
                 log.warning("could not tag the eval failure: %s", redact(tag_exc))
+
+
+def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", opts: RunOptions, tracker, child: str | None):
+    from eval_jobs.datasets import DatasetSpec
+    from eval_jobs.provenance import weights_kind
+    from eval_jobs.runner import ModelUnderTest, evaluate_and_log
+
+    from .commit import read_manifest_bytes
+    from .eval_inputs import CheckpointFromStore, SourceOnNode, ZooDatasetsOnNode
+    from .zoo import resolve_dataset
+
+    cache = str(opts.cache_dir) if opts.cache_dir else None
+    # this node's copies: the driver plans the images and scores mAP from the annotations
+    specs = tuple(DatasetSpec.parse(resolve_dataset(zoo, name, cache_dir=opts.cache_dir)) for name in spec.eval)
+    manifest_sha = hashlib.sha256(read_manifest_bytes(opts.store, mrun.prefix)).hexdigest()
+    model = ModelUnderTest(opts.store.url(mrun.prefix), redact_uri(spec.source), specs, spec.name,
+                           weights=weights_kind(mrun.local_source))
+    return evaluate_and_log(
+        model, executor="ray", parent_run_id=child, tracking_uri=tracker.tracking_uri if tracker else None,
+        load_compressed=CheckpointFromStore(opts.store.spec(), mrun.prefix, manifest_sha, cache),
+        load_original=SourceOnNode(spec.source, mrun.source_hash, spec.revision, cache,
+                                   getattr(opts.store, "endpoint_url", None)),
+        locate_dataset=ZooDatasetsOnNode(tuple((n, zoo.datasets[n]) for n in spec.eval),
+                                         str(Path(zoo.path).resolve().parent), cache))
 
 
 def _log_success(tracker, child: str, out: ModelOutcome) -> None:

@@ -185,3 +185,38 @@ def test_birkhoff_eval_subcommand_and_errors(work, capsys, tmp_path):
         from eval_jobs.models import recorded_source
 
         recorded_source(work["sam"][0])
+
+
+def test_a_located_dataset_copy_scores_the_same_and_a_changed_one_is_refused(work, tmp_path):
+    """A task re-roots its images into the copy its node's locator finds (another node's
+    cache), and refuses a copy whose annotations differ from the ones planned with."""
+    from eval_jobs.errors import DatasetChangedError
+
+    src, comp = work["sam"]
+    spec = DatasetSpec.parse(work["syn"].spec("coco"))
+    copy = Path(shutil.copytree(Path(spec.images).parent, tmp_path / "elsewhere"))
+    moved = DatasetSpec(spec.format, str(copy / Path(spec.annotations).name), str(copy / Path(spec.images).name),
+                        spec.name)
+    seen = []
+
+    def locator(s: DatasetSpec) -> DatasetSpec:
+        seen.append(s.name)
+        return moved
+
+    m = model_under_test(str(comp), [spec], original=str(src))
+    cfg = EvalConfig(limit=2, overlay_images=0)
+    here = run_eval([m], cfg)[0]
+    shutil.rmtree(Path(spec.images))  # the planner's images are gone: only the copy can be read
+    Path(spec.images).mkdir()
+    try:
+        there = run_eval([m], cfg, locate_dataset=locator)[0]
+    finally:
+        shutil.rmtree(Path(spec.images))
+        shutil.copytree(copy / Path(spec.images).name, spec.images)
+    assert seen and there.metrics == here.metrics
+    ann = json.loads(Path(moved.annotations).read_text())
+    ann["annotations"][0]["bbox"][0] += 1
+    Path(moved.annotations).write_text(json.dumps(ann))
+    with pytest.raises(DatasetChangedError, match="driver planned with") as err:
+        run_eval([m], cfg, locate_dataset=locator)
+    assert err.value.file == moved.annotations

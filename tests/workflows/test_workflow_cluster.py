@@ -167,6 +167,9 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(accept, mlflow_serve
         evals = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children[name].info.run_id]
         assert len(evals) == 1, name
         em, tags = evals[0].data.metrics, evals[0].data.tags
+        # provenance: the store URI the tasks fetched and the zoo source, not a driver temp folder
+        assert evals[0].data.params["compressed"] == children[name].data.params["checkpoint_uri"]
+        assert evals[0].data.params["original"] == "demo:sam-shapes"
         assert tags["birkhoff.weights"] == "trained" and tags["birkhoff.fidelity_meaningful"] == "true"
         for ds in ("coco-val-mini", "lvis-val-mini", "sa1b-mini"):
             assert em[f"miou_original/{ds}/box"] >= 0.7, (name, ds, em)

@@ -1,0 +1,129 @@
+"""What a zoo run's evaluation tasks load, resolved on the node that runs them.
+
+The driver never hands a Ray evaluation task one of its own paths: on a cluster
+the task runs on a node that cannot see them (another machine, a pod with its own
+``/tmp``). Each task gets references instead, and resolves them where it runs:
+
+* :class:`CheckpointFromStore`: the committed checkpoint's store location and the
+  sha256 of its manifest. Fetched once per node into the node's cache (complete or
+  not at all), checked by the compressor's loader, then loaded like any compressed
+  directory. A commit other than the one the driver evaluates is refused
+  (:class:`~workflows.errors.CheckpointChangedError`).
+* :class:`SourceOnNode`: the zoo source URI and the sha256 the commit is keyed
+  under. Resolved as the shard tasks resolve it; a source whose bytes differ is
+  refused (:class:`~compressor.errors.SourceChangedError`), never compared against.
+* :class:`ZooDatasetsOnNode`: the zoo's dataset entries. The synthetic set is
+  generated into the node's cache; a dataset given by path must be visible on the
+  node (shared storage). The task also checks the annotations' hash
+  (``eval_jobs.dataset_locator``).
+
+All three are frozen dataclasses: Ray pickles them into the task, and their repr
+keys the worker's model cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .zoo import dataset_value, default_cache_dir, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+def _cache(cache_dir: str | None) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+@dataclass(frozen=True)
+class CheckpointFromStore:
+    """A committed checkpoint in the store, loaded on the worker (a ``ModelLoader``)."""
+
+    store: dict  # Store.spec(): no credentials, workers take theirs from their environment
+    prefix: str
+    manifest_sha256: str
+    cache_dir: str | None = None
+
+    def local_dir(self) -> Path:
+        return _cache(self.cache_dir) / "checkpoints" / self.manifest_sha256[:32]
+
+    def fetch(self) -> Path:
+        """This node's copy, downloaded and verified once; concurrent tasks on one node
+        each download into their own temporary folder and the first rename wins."""
+        from .commit import MANIFEST, fetch_checkpoint
+        from .store import open_store
+
+        target = self.local_dir()
+        if (target / MANIFEST).is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            fetch_checkpoint(open_store(self.store), self.prefix, tmp, manifest_sha256=self.manifest_sha256)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another task on this node finished first: the same commit
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("checkpoint %s fetched into %s on %s", self.prefix, target, socket.gethostname())
+        return target
+
+    def __call__(self, uri: str):
+        from eval_jobs.models import default_loader
+
+        return default_loader(str(self.fetch()))
+
+
+@dataclass(frozen=True)
+class SourceOnNode:
+    """The original model, resolved on the worker from its zoo source URI and checked
+    against the sha256 the commit is keyed under (a ``ModelLoader``)."""
+
+    source: str
+    source_sha256: str
+    revision: str | None = None
+    cache_dir: str | None = None
+    s3_endpoint_url: str | None = None
+
+    def local_path(self) -> str:
+        from compressor.sources import open_source
+
+        from .shard_task import check_source_sha256
+
+        local = resolve_source(self.source, cache_dir=self.cache_dir, s3_endpoint_url=self.s3_endpoint_url)
+        check_source_sha256(open_source(local, revision=self.revision), self.source_sha256, self.source)
+        return local[len("hf://"):].partition("@")[0] if local.startswith("hf://") else local
+
+    def __call__(self, uri: str):
+        from eval_jobs.models import default_loader
+
+        return default_loader(self.local_path())
+
+
+@dataclass(frozen=True)
+class ZooDatasetsOnNode:
+    """The zoo's datasets on the worker (an ``eval_jobs`` ``DatasetLocator``)."""
+
+    entries: tuple[tuple[str, str], ...]  # (dataset name, its zoo entry)
+    base_dir: str  # the zoo file's folder: relative dataset paths are relative to it
+    cache_dir: str | None = None
+
+    def __call__(self, spec):
+        from eval_jobs.datasets import DatasetSpec
+        from eval_jobs.errors import DatasetError, DatasetSpecError
+
+        entry = dict(self.entries).get(spec.name)
+        if entry is None:
+            raise DatasetSpecError(f"dataset {spec.name!r} is not one of the zoo's {[n for n, _ in self.entries]}")
+        local = DatasetSpec.parse(dataset_value(spec.name, entry, Path(self.base_dir), cache_dir=self.cache_dir))
+        for path in (local.annotations, local.images) + ((local.detections,) if local.detections else ()):
+            if not Path(path).exists():
+                raise DatasetError(f"dataset {spec.name} is not visible on node {socket.gethostname()}: a dataset "
+                                   f"given by path must be on storage every node mounts", file=path)
+        return local
