@@ -161,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if in_ray_job and (args.store is None or args.tracking_uri is None):
         log.warning("running as a Ray job with a default store or tracking URI: they live in the job's "
                     "temporary working dir (%s); pass --store and --tracking-uri to keep results", runs)
+    # an MLflow server that does not answer fails here, in one line, before the store or Ray is touched
+    from workflows.tracking import probe_tracking_server
+
+    try:
+        probe_tracking_server(args.tracking_uri or "")
+    except BirkhoffError as exc:
+        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
+        return 2
     try:
         zoo = load_zoo(args.zoo)
         models = zoo.select(args.only)

@@ -59,3 +59,7 @@ class NotCommittedError(StoreError):
 class CheckpointChangedError(WorkflowError):
     """A committed checkpoint is not the commit a reader was pointed at (its manifest's
     sha256 differs): it was replaced meanwhile."""
+
+
+class TrackingUnavailableError(WorkflowError):
+    """The MLflow tracking server does not answer: the run stops before it starts work."""

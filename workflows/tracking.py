@@ -31,6 +31,34 @@ TAG_HOST = "birkhoff.driver_host"
 TAG_PID = "birkhoff.driver_pid"
 TAG_HEARTBEAT = "birkhoff.heartbeat"
 _PARAM_MAX = 6000
+# how long a tracking server has to answer before a run starts (MLflow's own client retries
+# a refused connection for minutes: 7 attempts with exponential back-off)
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast, in one line, when an ``http(s)://`` tracking server does not answer.
+    Any HTTP answer counts (an authenticating proxy's 401 too): only a refused, reset or
+    timed-out connection, or an unknown host, is refused. Other URIs (``sqlite:``, a
+    folder) need no server."""
+    import urllib.error
+    import urllib.request
+
+    from .errors import TrackingUnavailableError
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {redact_uri(uri)} does not answer ({redact(reason)}) within "
+            f"{time.monotonic() - t0:.1f} s: start it, or fix --tracking-uri / MLFLOW_TRACKING_URI") from None
 
 
 def _flat(prefix: str, value: Any, out: dict) -> None:

@@ -63,3 +63,51 @@ def test_run_options_refuse_nonsense():
                 {"lease_seconds": 0.0}, {"orphan_age": float("nan")}, {"eval_mode": "sometimes"}):
         with pytest.raises(WorkflowError, match=next(iter(bad))):
             RunOptions(store=store, **bad)
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_fast_in_one_line(tmp_path):
+    """Issue 13: MLflow's client retries a refused connection for minutes; the run says
+    so within seconds, before any Ray or store work, in one line with exit status 2."""
+    import time
+
+    from workflows.local_services import free_ports
+
+    port = free_ports(1)[0]  # nothing listens there
+    work = tmp_path / "cwd"
+    work.mkdir()
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(SCRIPT), "--tracking-uri", f"http://127.0.0.1:{port}",
+                        "--store", str(work / "store")], cwd=work, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "BIRKHOFF_RUNS_DIR": str(work / "runs")})
+    took = time.monotonic() - t0
+    assert r.returncode == 2, (r.stdout, r.stderr[-3000:])
+    assert took < 30, took
+    errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln or "Error" in ln]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"MLflow tracking server http://127.0.0.1:{port} does not answer" in errors[0]
+    assert not (work / "store").exists() and not (work / "runs").exists()  # nothing started or created
+
+
+def test_the_tracking_probe_accepts_any_http_answer_and_no_server_uris(tmp_path):
+    import http.server
+    import threading
+
+    from workflows.tracking import probe_tracking_server
+
+    class Deny(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # an authenticating proxy in front of the server
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        probe_tracking_server(f"http://127.0.0.1:{srv.server_address[1]}")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    probe_tracking_server(f"sqlite:///{tmp_path / 'x.db'}")
+    probe_tracking_server(str(tmp_path / "mlruns"))
