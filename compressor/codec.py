@@ -18,6 +18,7 @@ import torch
 from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
 from .config import HyperCompressionConfig
+from .dtypes import FLOAT_TORCH, TORCH_BY_NAME, dtype_name
 from .errors import NonFiniteTensorError, OutOfRangeTensorError
 
 log = logging.getLogger(__name__)
@@ -27,27 +28,6 @@ CODEC_VERSION = 1
 #: largest |w| the codec takes: the float64 geometry squares differences of
 #: values (radius, distances), which overflows to inf near 1.3e154
 MAX_ABS_VALUE = 1e150
-
-_FLOAT_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
-DTYPE_NAMES = {v: k for k, v in _FLOAT_DTYPES.items()}
-DTYPE_NAMES.update({
-    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-    "uint8": torch.uint8, "bool": torch.bool,
-})
-TORCH_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return TORCH_TO_NAME[dtype]
-    except KeyError:
-        raise TypeError(f"unsupported dtype {dtype}") from None
-
 
 @dataclass
 class CompressedTensor:
@@ -98,7 +78,7 @@ class CompressedTensor:
         lx, ly = self.lut()
         x, y = kernels.decode_points(self.theta, lx, ly)
         arr = qp.points_to_tensor(x, y, self.shape, self.layout)
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(DTYPE_NAMES[self.dtype])
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(TORCH_BY_NAME[self.dtype])
 
     def theta_matrix(self) -> np.ndarray:
         """Indices as ``[out, ceil(in/2)]`` (rows layout only): HyperLinear's buffer."""
@@ -183,7 +163,7 @@ def _compressible(name: str, tensor: torch.Tensor, config: HyperCompressionConfi
         return "override"
     if is_buffer:
         return "buffer"
-    if tensor.dtype not in _FLOAT_DTYPES:
+    if tensor.dtype not in FLOAT_TORCH:
         return "non-float"
     if tensor.numel() < config.min_elements:
         return "small"
@@ -295,7 +275,7 @@ def compress_tensor(
     # U*(K+1)-entry table to that dtype is the same as rounding every decoded
     # value, and one gather pass then replaces a full decode.
     lx, ly = entry.lut()
-    tdt = DTYPE_NAMES[entry.dtype]
+    tdt = TORCH_BY_NAME[entry.dtype]
     lx = torch.from_numpy(lx).to(tdt).to(torch.float64).numpy()
     ly = torch.from_numpy(ly).to(tdt).to(torch.float64).numpy()
     err = float(kernels.error_sum(theta, lx, ly, pts.px, pts.py, pts.pad_cols))

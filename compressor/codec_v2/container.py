@@ -37,6 +37,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from ..dtypes import FLOAT_NAMES, NAME_BY_TORCH
 from ..errors import (ChecksumError, EntropyStreamError, FormatError, IndexRangeError, ManifestError,
                       NonFiniteTensorError, ScaleError, SizeLimitError, SymbolModelError, TruncatedDataError,
                       UnknownFormatError)
@@ -53,7 +54,7 @@ MAGIC = b"BKV2TNSR"
 MAX_ELEMENTS = 1 << 34
 MAX_HEADER = 1 << 20
 MAX_BLOCKS = 1 << 24
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = FLOAT_NAMES
 ROLES = ("linear", "embedding")
 
 _ARRAY_ORDER = (("rel", "<f2"), ("model_m", "<u2"), ("model_b", "<u2"), ("block_words", "<u4"),
@@ -450,9 +451,8 @@ def _as_numpy(w) -> tuple[np.ndarray, str]:
     except ImportError:  # pragma: no cover - torch is a dependency
         torch = None
     if torch is not None and isinstance(w, torch.Tensor):
-        dt = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-              torch.float64: "float64"}.get(w.dtype)
-        if dt is None:
+        dt = NAME_BY_TORCH.get(w.dtype)
+        if dt not in FLOAT_NAMES:
             raise TypeError(f"unsupported dtype {w.dtype}")
         t = w.detach().to("cpu")
         return (t.float() if dt in ("float16", "bfloat16") else t).numpy(), dt

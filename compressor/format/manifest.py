@@ -12,15 +12,14 @@ import torch
 from .. import quant_primitives as qp
 from ..codec import CODEC_VERSION, CompressedTensor, RawTensor
 from ..config import HyperCompressionConfig, _short  # one cut-short repr for every error message
+from ..dtypes import DTYPES, FLOAT_NAMES
 from ..errors import ConfigError, DuplicateTensorError, ManifestError, SizeLimitError, UnknownFormatError
 from .fsio import atomic_file, open_regular
 from .schema import (
     _COMPRESSED_KEYS,
-    _FLOAT_NAMES,
     _RAW_KEYS,
     _SAFETENSORS_METADATA,
     _SHA256,
-    _STORED,
     _TOP_REQUIRED,
     _WRITE_LIMITS,
     FORMAT_NAME,
@@ -159,11 +158,11 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
         raise bad(f"shard {_short(shard)} is not listed in 'shards'")
     sha = _check_sha(e["sha256"], path, "entry", name)
     dtype = e["dtype"]
-    if dtype not in _STORED:
-        raise bad(f"unknown dtype {_short(dtype)}; known: {sorted(_STORED)}")
+    if dtype not in DTYPES:
+        raise bad(f"unknown dtype {_short(dtype)}; known: {sorted(DTYPES)}")
     shape = _check_shape(e["shape"], path, name, limits)
     numel = _numel(shape)
-    itemsize = _STORED[dtype][1]
+    itemsize = DTYPES[dtype].itemsize
     decoded = numel * itemsize
     _check_size(decoded, f"declared shape {list(shape)} of {dtype}", path, name, limits)
 
@@ -172,7 +171,7 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
             raise bad("'raw_reason' must be a string")
         return _Spec(name, shard, sha, True, dtype, shape, decoded), decoded
 
-    if dtype not in _FLOAT_NAMES:
+    if dtype not in FLOAT_NAMES:
         raise bad(f"a compressed tensor must have a float dtype, got {_short(dtype)}")
     layout = e["layout"]
     pad = e["pad"]

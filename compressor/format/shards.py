@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from ..codec import TORCH_TO_NAME
+from ..dtypes import DTYPES, NAME_BY_TORCH, SAFETENSORS_ITEMSIZE
 from ..errors import (
     ChecksumError,
     ConfigError,
@@ -35,8 +35,6 @@ from .schema import (
     _HEADER_BYTES_PER_TENSOR,
     _IO_CHUNK,
     _SAFETENSORS_METADATA,
-    _ST_ITEMSIZE,
-    _STORED,
     FORMAT_NAME,
     MANIFEST_NAME,
     SHARD_SUFFIX,
@@ -79,7 +77,7 @@ def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: dict[st
     ``safetensors`` package writes: larger items first, then by name; the header padded
     with spaces to 8 bytes), hashing every byte on its way out. Returns (bytes, sha256)."""
     arrays = {n: _stored_array(t) for n, t in tensors.items()}
-    codes = {n: _STORED[TORCH_TO_NAME[t.dtype]][0] for n, t in tensors.items()}
+    codes = {n: DTYPES[NAME_BY_TORCH[t.dtype]].st_code for n, t in tensors.items()}
     order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
     header: dict[str, Any] = {_SAFETENSORS_METADATA: dict(metadata)}
     pos = 0
@@ -217,16 +215,16 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh,
         if not isinstance(rec, dict) or set(rec) != {"dtype", "shape", "data_offsets"}:
             raise ShardHeaderError("header entry must hold exactly dtype, shape, data_offsets", file=path, tensor=name)
         dt, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
-        if dt not in _ST_ITEMSIZE:
+        if dt not in SAFETENSORS_ITEMSIZE:
             raise ShardHeaderError(f"unknown safetensors dtype {_short(dt)}", file=path, tensor=name)
         if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(_is_int(d) and d >= 0 for d in shape)):
             raise ShardHeaderError(f"invalid shape {_short(shape)}", file=path, tensor=name)
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
                 and offs[0] <= offs[1]):
             raise ShardHeaderError(f"invalid data_offsets {_short(offs)}", file=path, tensor=name)
-        if offs[1] - offs[0] != _numel(shape) * _ST_ITEMSIZE[dt]:
+        if offs[1] - offs[0] != _numel(shape) * SAFETENSORS_ITEMSIZE[dt]:
             raise ShardHeaderError(f"data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} of "
-                                   f"{dt} needs {_numel(shape) * _ST_ITEMSIZE[dt]}", file=path, tensor=name)
+                                   f"{dt} needs {_numel(shape) * SAFETENSORS_ITEMSIZE[dt]}", file=path, tensor=name)
         entries[name] = _HeaderEntry(dt, tuple(shape), offs[0], offs[1])
     # the data must tile the buffer exactly: no overlap, no gap, nothing after it
     pos = 0
@@ -247,7 +245,7 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh,
 
 def _compare(spec: _Spec, ent: _HeaderEntry, path: str) -> None:
     if spec.raw:
-        want = _STORED[spec.dtype][0]
+        want = DTYPES[spec.dtype].st_code
         if ent.dtype != want:
             raise DTypeMismatchError(f"stored dtype {ent.dtype}, the manifest declares {spec.dtype} ({want})",
                                      file=path, tensor=spec.name)
@@ -264,15 +262,13 @@ def _compare(spec: _Spec, ent: _HeaderEntry, path: str) -> None:
 
 
 def _to_tensor(spec: _Spec, buf: np.ndarray, path: str) -> torch.Tensor:
-    np_dtype = np.dtype(_STORED[spec.dtype][2])
+    np_dtype = np.dtype(DTYPES[spec.dtype].stored_np)
     if spec.dtype == "bool" and buf.size and int(buf.max()) > 1:
         raise DTypeMismatchError("bool tensor holds bytes other than 0 and 1", file=path, tensor=spec.name)
     arr = buf.view(np_dtype).reshape(spec.shape)
     t = torch.from_numpy(arr)
-    if spec.dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    elif spec.dtype == "bool":
-        t = t.view(torch.bool)
+    if spec.dtype in ("bfloat16", "bool"):  # stored as the bytes of another numpy dtype
+        t = t.view(DTYPES[spec.dtype].torch)
     return t
 
 
