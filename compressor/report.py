@@ -5,21 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .stats import shape_numel
+
 REPORT_COLUMNS = ("name", "shape", "dtype", "numel", "raw", "raw_reason", "layout", "U", "K", "bits", "mae")
 
 
 def manifest_rows(manifest: dict) -> list[dict]:
     rows = []
     for name, m in manifest["tensors"].items():
-        numel = 1
-        for d in m["shape"]:
-            numel *= int(d)
         raw = bool(m["raw"])
         rows.append({
             "name": name,
             "shape": [int(d) for d in m["shape"]],
             "dtype": m["dtype"],
-            "numel": numel,
+            "numel": shape_numel(m["shape"]),
             "raw": raw,
             "raw_reason": m.get("raw_reason") if raw else None,
             "layout": None if raw else m["layout"],
