@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .format.fsio import atomic_file, fsync_file
 from .stats import shape_numel
 
 REPORT_COLUMNS = ("name", "shape", "dtype", "numel", "raw", "raw_reason", "layout", "U", "K", "bits", "mae")
@@ -46,11 +46,7 @@ def write_parquet(rows: list[dict], path, *, atomic: bool = True) -> Path:
     if not atomic:
         pq.write_table(table, str(path))
         return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(str(path.parent), path.name) as tmp:
+        pq.write_table(table, tmp)
+        fsync_file(tmp)
     return path

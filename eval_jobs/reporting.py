@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from compressor.format.fsio import write_atomic
 
 if TYPE_CHECKING:
     from .prompts import PromptBatch
@@ -116,9 +117,7 @@ def write_artifacts(results: "EvalResults", out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     files = []
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results.to_json_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results.to_json_dict(), indent=2, sort_keys=True))
     files.append(out / "results.json")
     files += write_paper_table(results, out)
     files.append(save_miou_chart(results, out / "miou_per_prompt.png"))

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from compressor.format.fsio import write_atomic
 
 # ``frequency`` follows LVIS's r/c/f labels; here it mirrors the sampling weights below.
 CATEGORIES = ({"id": 1, "name": "rectangle", "supercategory": "shape", "frequency": "f"},
@@ -200,9 +201,7 @@ def _bbox(mask: np.ndarray) -> list[float]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def write_synthetic(out: str | Path, *, n_images: int = 8, seed: int = 0, min_size: int = 64, max_size: int = 160,

@@ -46,14 +46,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from compressor.format.fsio import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, 
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, processor = build_model(cfg)
@@ -323,21 +322,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, 
     seconds = time.perf_counter() - t0
     model.eval()
     report = TrainReport(cfg.to_dict(), cfg.steps, seconds, losses, ious, n_params)
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
+    with atomic_directory(str(out.parent), out.name, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
         if eval_images:
             report.heldout = heldout_metrics(tmp, n_images=eval_images)
             log.info("held-out (%d images, seed %d): box mIoU %.4f, mask mAP %.4f", eval_images, EVAL_SEED,
                      report.heldout["miou/box"], report.heldout["map"])
         write_provenance(tmp, "trained", script="python -m eval_jobs.train_sam", torch=torch.__version__,
                          report=report.to_dict())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
+from compressor.format.fsio import atomic_directory
 from eval_jobs import tiny_models as tiny
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,15 @@ def build(name: str, cache_dir=None) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     log.info("building demo model %s into %s", name, out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = BUILDERS[name]()
-    try:
+    # another worker building it at the same time writes the same bytes: the first rename wins
+    with atomic_directory(str(root), out.name) as tmp:
         # the processor travels with the model: evaluation rebuilds both from the directory
         tiny.save_random_init(model, tiny.processor_for(model.config), tmp, builder=f"workflows.demo_models:{name}",
                               seed=SEED)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another worker won the race: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -117,13 +110,6 @@ def _copy_trained(name: str, root: Path) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(str(root), out.name) as tmp:  # a concurrent copy is identical: the first wins
         shutil.copytree(src, tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another worker won the race: theirs is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

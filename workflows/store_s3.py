@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+from compressor.format.fsio import atomic_file
+
 from .errors import ChecksumMismatchError, ConditionFailedError, StoreError, TransientStoreError
 from .redaction import redact, redact_uri
 from .store import (_BLOCK, MULTIPART_THRESHOLD, PART_SIZE, STALE_SECONDS, ObjectInfo, RetryPolicy, Store,
@@ -247,9 +249,8 @@ class S3Store(Store):
     def get_file(self, key: str, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
-        def go():
+        def go(tmp: str):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             want = resp.get("Metadata", {}).get("sha256")
             h = hashlib.sha256()
@@ -257,13 +258,12 @@ class S3Store(Store):
                 for chunk in resp["Body"].iter_chunks(_BLOCK):
                     h.update(chunk)
                     out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
             if want and h.hexdigest() != want:
                 raise ChecksumMismatchError(f"download {self.url(key)}: sha256 differs from the stored one", key=key)
-        try:
-            self._call("download", key, go)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(str(path.parent), path.name) as tmp:  # readers see the whole, checked file or none
+            self._call("download", key, lambda: go(tmp))
         return path
 
     def read(self, key: str, max_bytes: int) -> tuple[bytes, ObjectInfo] | None:
