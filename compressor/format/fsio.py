@@ -1,5 +1,6 @@
-"""File-system helpers of the format (and of every layer above it): atomic
-temp-then-rename writes of files and folders, directory syncs, regular-file opens that never block, and hashing while reading or copying."""
+"""File-system helpers of the format and of every layer above it: atomic
+temp-then-rename writes of files and folders, directory syncs, regular-file opens
+that never block, and hashing while reading or copying."""
 
 from __future__ import annotations
 

@@ -222,9 +222,10 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh,
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
                 and offs[0] <= offs[1]):
             raise ShardHeaderError(f"invalid data_offsets {_short(offs)}", file=path, tensor=name)
-        if offs[1] - offs[0] != _numel(shape) * SAFETENSORS_ITEMSIZE[dt]:
+        need = _numel(shape) * SAFETENSORS_ITEMSIZE[dt]
+        if offs[1] - offs[0] != need:
             raise ShardHeaderError(f"data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} of "
-                                   f"{dt} needs {_numel(shape) * SAFETENSORS_ITEMSIZE[dt]}", file=path, tensor=name)
+                                   f"{dt} needs {need}", file=path, tensor=name)
         entries[name] = _HeaderEntry(dt, tuple(shape), offs[0], offs[1])
     # the data must tile the buffer exactly: no overlap, no gap, nothing after it
     pos = 0
