@@ -143,6 +143,16 @@ def remove_created(made: list[str]) -> None:
             break
 
 
+def _lstat_or_none(path: str, what: str) -> os.stat_result | None:
+    """What is at ``path`` (a final symlink not followed); None when nothing is."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DestinationError(f"cannot inspect {what}: {exc.strerror}", file=path) from None
+
+
 # -- single output files (decompress, reports) ------------------------------------------------
 
 def check_output_file(out, *, overwrite: bool, protected_dirs: Iterable = (),
@@ -170,12 +180,9 @@ def check_output_file(out, *, overwrite: bool, protected_dirs: Iterable = (),
         if _inside(_real(out), _real(d)) or _inside(out, os.path.abspath(os.fspath(d))):
             raise DestinationError(f"output lies inside {d}, which this command reads: "
                                    "write it somewhere else", file=out)
-    try:
-        st = os.lstat(out)
-    except FileNotFoundError:
+    st = _lstat_or_none(out, "the output path")
+    if st is None:
         return out
-    except OSError as exc:
-        raise DestinationError(f"cannot inspect the output path: {exc.strerror}", file=out) from None
     if not stat.S_ISREG(st.st_mode):
         raise DestinationError(f"output exists and is {_describe_mode(st.st_mode)}: refusing to replace it", file=out)
     for f in protected_files:
@@ -261,12 +268,9 @@ def check_directory_destination(dst, *, overwrite: bool, protected: Iterable = (
         raise DestinationError(f"destination overlaps the source {hit} (same path, inside it, or containing "
                                "it): choose another destination", file=path)
     missing = missing_parents(path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = _lstat_or_none(path, "the destination")
+    if st is None:
         return missing
-    except OSError as exc:
-        raise DestinationError(f"cannot inspect the destination: {exc.strerror}", file=path) from None
     if not stat.S_ISDIR(st.st_mode):
         raise CheckpointExistsError(f"destination exists and is {_describe_mode(st.st_mode)}: never replaced",
                                     file=path)
