@@ -32,6 +32,7 @@ from .codec import CompressedTensor, RawTensor, TensorEntry, compress_tensor
 from .config import HyperCompressionConfig
 from .errors import CheckpointExistsError, ConfigError, DestinationError, FormatError, SourceError, _Located
 from .sources import CheckpointSource, open_source
+from .stats import entry_stats
 
 log = logging.getLogger(__name__)
 
@@ -215,19 +216,7 @@ class CompressedCheckpoint:
         return {n: e.decode(kernels) for n, e in self.entries.items()}
 
     def stats(self) -> dict:
-        numel = sum(e.numel for e in self.entries.values())
-        err = sum(e.abs_error_sum for e in self.entries.values())
-        comp = sum(1 for e in self.entries.values() if not e.raw)
-        return {
-            "tensors": len(self.entries),
-            "compressed_tensors": comp,
-            "raw_tensors": len(self.entries) - comp,
-            "params": numel,
-            "compressed_params": sum(e.numel for e in self.entries.values() if not e.raw),
-            "abs_error_sum": err,
-            "mae": err / numel if numel else 0.0,
-            "seconds": self.compress_seconds,
-        }
+        return dict(entry_stats(self.entries.values()), seconds=self.compress_seconds)
 
 
 

@@ -56,15 +56,10 @@ def _add_compress(sub) -> None:
     p.set_defaults(func=_cmd_compress)
 
 
-def _cmd_compress(args) -> int:
-    from .backends import DEVICE_TO_BACKEND, resolve_backend
-    from .checkpoint import DEFAULT_MAX_SHARD_BYTES, check_destination, check_source_values, compress, directory_bytes
+def _compress_config(args):
+    """The codec settings the compress flags ask for (checked: ConfigError)."""
     from .config import TensorOverride, config_from_cli, parse_points
-    from .errors import ConfigError
-    from .sources import open_source
 
-    # everything that can be refused is refused before the first tensor is encoded:
-    # settings, then the source (headers, file kinds, values), then the destination
     cfg = config_from_cli(
         box_size=args.box_size,
         points=parse_points(args.points) if args.points is not None else None,
@@ -79,8 +74,18 @@ def _cmd_compress(args) -> int:
         changes["nonfinite"] = "raw"
     if args.relative_fallback is not None:
         changes["relative_fallback"] = None if args.relative_fallback == _OFF else args.relative_fallback
-    if changes:
-        cfg = cfg.replace(**changes)
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _cmd_compress(args) -> int:
+    from .backends import DEVICE_TO_BACKEND, resolve_backend
+    from .checkpoint import DEFAULT_MAX_SHARD_BYTES, check_destination, check_source_values, compress, directory_bytes
+    from .errors import ConfigError
+    from .sources import open_source
+
+    # everything that can be refused is refused before the first tensor is encoded:
+    # settings, then the source (headers, file kinds, values), then the destination
+    cfg = _compress_config(args)
     shard_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_bytes is None else args.max_shard_bytes
     if shard_bytes <= 0:
         raise ConfigError(f"--max-shard-bytes must be a positive number of bytes, got {shard_bytes}")

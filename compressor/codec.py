@@ -18,6 +18,7 @@ import torch
 from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
 from .config import HyperCompressionConfig
+from .dtypes import FLOAT_TORCH, TORCH_BY_NAME, dtype_name
 from .errors import NonFiniteTensorError, OutOfRangeTensorError
 
 log = logging.getLogger(__name__)
@@ -27,27 +28,6 @@ CODEC_VERSION = 1
 #: largest |w| the codec takes: the float64 geometry squares differences of
 #: values (radius, distances), which overflows to inf near 1.3e154
 MAX_ABS_VALUE = 1e150
-
-_FLOAT_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
-DTYPE_NAMES = {v: k for k, v in _FLOAT_DTYPES.items()}
-DTYPE_NAMES.update({
-    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-    "uint8": torch.uint8, "bool": torch.bool,
-})
-TORCH_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return TORCH_TO_NAME[dtype]
-    except KeyError:
-        raise TypeError(f"unsupported dtype {dtype}") from None
-
 
 @dataclass
 class CompressedTensor:
@@ -98,7 +78,7 @@ class CompressedTensor:
         lx, ly = self.lut()
         x, y = kernels.decode_points(self.theta, lx, ly)
         arr = qp.points_to_tensor(x, y, self.shape, self.layout)
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(DTYPE_NAMES[self.dtype])
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(TORCH_BY_NAME[self.dtype])
 
     def theta_matrix(self) -> np.ndarray:
         """Indices as ``[out, ceil(in/2)]`` (rows layout only): HyperLinear's buffer."""
@@ -183,7 +163,7 @@ def _compressible(name: str, tensor: torch.Tensor, config: HyperCompressionConfi
         return "override"
     if is_buffer:
         return "buffer"
-    if tensor.dtype not in _FLOAT_DTYPES:
+    if tensor.dtype not in FLOAT_TORCH:
         return "non-float"
     if tensor.numel() < config.min_elements:
         return "small"
@@ -259,23 +239,7 @@ def compress_tensor(
     dpx, dpy = kernels.to_device(pts.px), kernels.to_device(pts.py)
     box = float(settings.box_size)
     geo = qp.point_geometry(pts.px, pts.py, box, kernels.radius_and_inner)
-    k_range = [0] if geo.all_inner else list(range(1, settings.max_classes + 1))
-    numel = pts.numel
-
-    best = None  # (mae, U, K, theta)
-    for ui, U in enumerate(settings.points):
-        for K in k_range:
-            rho = qp.class_radii(geo.R, box, K)
-            theta, err = kernels.encode_trial(dpx, dpy, geo.cx, geo.cy, box, U, rho, pts.pad_cols)
-            mae = err / numel
-            if best is None or mae < best[0]:
-                best = (mae, U, K, theta)
-            if mae <= settings.target_mae:
-                break
-        if best[0] <= settings.points_target_mae or ui == len(settings.points) - 1:
-            break
-
-    search_mae, U, K, theta = best
+    search_mae, U, K, theta = _search(kernels, dpx, dpy, pts, geo, box, settings)
     if search_mae > settings.fallback_mae:
         return _raw(name, tensor, "fallback")
     if spread is not None and search_mae > settings.relative_fallback * spread:
@@ -290,15 +254,39 @@ def compress_tensor(
         cx=geo.cx, cy=geo.cy, radius=geo.R, box_size=box, U=int(U), K=int(K), bits=bits,
         mae=0.0, abs_error_sum=0.0, theta=theta,
     )
-    # The reported error is against the decoded tensor *in the source dtype*, so
-    # that decompressing and recomputing gives the same number. Rounding the
-    # U*(K+1)-entry table to that dtype is the same as rounding every decoded
-    # value, and one gather pass then replaces a full decode.
+    _set_dtype_exact_error(entry, kernels, pts)
+    return entry
+
+
+def _search(kernels: Kernels, dpx, dpy, pts, geo, box: float, settings) -> tuple:
+    """Algorithm 1's search over ``U`` (the point counts) and ``K`` (the classes):
+    ``(mae, U, K, theta)`` of the best trial. It stops early once a trial reaches the
+    target MAE, and tries the next ``U`` only while no ``U`` so far met its target."""
+    k_range = [0] if geo.all_inner else list(range(1, settings.max_classes + 1))
+    best = None  # (mae, U, K, theta)
+    for ui, U in enumerate(settings.points):
+        for K in k_range:
+            rho = qp.class_radii(geo.R, box, K)
+            theta, err = kernels.encode_trial(dpx, dpy, geo.cx, geo.cy, box, U, rho, pts.pad_cols)
+            mae = err / pts.numel
+            if best is None or mae < best[0]:
+                best = (mae, U, K, theta)
+            if mae <= settings.target_mae:
+                break
+        if best[0] <= settings.points_target_mae or ui == len(settings.points) - 1:
+            break
+    return best
+
+
+def _set_dtype_exact_error(entry: CompressedTensor, kernels: Kernels, pts) -> None:
+    """The reported error is against the decoded tensor *in the source dtype*, so
+    that decompressing and recomputing gives the same number. Rounding the
+    U*(K+1)-entry table to that dtype is the same as rounding every decoded
+    value, and one gather pass then replaces a full decode."""
     lx, ly = entry.lut()
-    tdt = DTYPE_NAMES[entry.dtype]
+    tdt = TORCH_BY_NAME[entry.dtype]
     lx = torch.from_numpy(lx).to(tdt).to(torch.float64).numpy()
     ly = torch.from_numpy(ly).to(tdt).to(torch.float64).numpy()
-    err = float(kernels.error_sum(theta, lx, ly, pts.px, pts.py, pts.pad_cols))
+    err = float(kernels.error_sum(entry.theta, lx, ly, pts.px, pts.py, pts.pad_cols))
     entry.abs_error_sum = err
-    entry.mae = err / numel
-    return entry
+    entry.mae = err / pts.numel

@@ -18,228 +18,27 @@ guarantees come from ``mkdir`` / ``link``, which also fail on an existing name.
 
 Temporary names carry their owner (host, boot, pid and process start time), so
 a later run can tell a dead owner's leftovers from a live run's work in progress
-and removes only the former.
+and removes only the former (:mod:`compressor.temp_names`); the renames themselves
+are :mod:`compressor.renames`. This module holds the checks and the publishing.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import hashlib
 import logging
 import os
-import platform
-import re
 import shutil
-import socket
 import stat
-import time
 import uuid
 from typing import Callable, Iterable
 
 from .errors import CheckpointExistsError, DestinationError
 from .format.fsio import fsync_dir as _fsync_dir
 from .format.fsio import umask as _umask
+from .renames import rename_exchange, rename_noreplace
+from .temp_names import clean_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-# syscall numbers, for a libc without the renameat2 wrapper (glibc < 2.28)
-_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "i686": 353, "ppc64le": 357, "s390x": 347, "riscv64": 276}
-
-#: leftovers of another host (a shared file system) are only removed after this long
-FOREIGN_STALE_SECONDS = 24 * 3600
-#: leftovers of an older build, whose names carry no owner, after this long
-LEGACY_STALE_SECONDS = 3600
-
-
-# -- renameat2 -------------------------------------------------------------------------
-
-class _Renameat2:
-    """``renameat2`` through ctypes; ``None`` from :meth:`__call__` means "not
-    available here" (the caller falls back), an error is raised as ``OSError``."""
-
-    def __init__(self) -> None:
-        self._fn = None
-        self._syscall = None
-        if platform.system() != "Linux":
-            return
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        except OSError:
-            return
-        fn = getattr(libc, "renameat2", None)
-        if fn is not None:
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            self._fn = fn
-            return
-        nr = _SYS_RENAMEAT2.get(platform.machine())
-        if nr is not None:
-            self._syscall = (libc.syscall, nr)
-
-    def __call__(self, src: str, dst: str, flags: int) -> bool | None:
-        a, b = os.fsencode(src), os.fsencode(dst)
-        if self._fn is not None:
-            rc = self._fn(_AT_FDCWD, a, _AT_FDCWD, b, flags)
-        elif self._syscall is not None:
-            call, nr = self._syscall
-            rc = call(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a), ctypes.c_int(_AT_FDCWD),
-                      ctypes.c_char_p(b), ctypes.c_uint(flags))
-        else:
-            return None
-        if rc == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            return None  # this kernel or file system has no such rename
-        raise OSError(err, os.strerror(err), src, None, dst)
-
-
-_renameat2 = _Renameat2()
-
-
-def rename_noreplace(src: str, dst: str) -> None:
-    """Rename ``src`` (a file or a directory) to ``dst``; ``FileExistsError`` if
-    anything exists at ``dst`` at that instant. Never replaces anything."""
-    src, dst = os.fspath(src), os.fspath(dst)
-    done = _renameat2(src, dst, _RENAME_NOREPLACE)
-    if done is None:
-        if os.path.isdir(src) and not os.path.islink(src):
-            # claim the name with mkdir (fails if taken), then rename over our own empty
-            # directory: rename refuses a non-empty target, so whatever someone put
-            # there meanwhile stays
-            os.mkdir(dst)
-            try:
-                os.rename(src, dst)
-            except OSError as exc:
-                try:
-                    os.rmdir(dst)
-                except OSError:
-                    pass
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise FileExistsError(errno.EEXIST, "destination appeared during the save", dst) from None
-                raise
-        else:
-            os.link(src, dst)  # fails with EEXIST: the no-clobber step
-            os.unlink(src)
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
-
-
-def rename_exchange(a: str, b: str) -> bool:
-    """Atomically swap two existing paths; False where this is not supported."""
-    done = _renameat2(os.fspath(a), os.fspath(b), _RENAME_EXCHANGE)
-    if done:
-        _fsync_dir(os.path.dirname(os.path.abspath(os.fspath(b))))
-    return bool(done)
-
-
-# -- temporary names and their owners -----------------------------------------------------
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:6]
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "noboot"
-
-
-def _start_ticks(pid: int) -> int:
-    """A process's start time (clock ticks since boot), 0 where unknown: it tells a
-    live owner from a new process that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-_HOST = _short_hash(socket.gethostname())
-_BOOT = _short_hash(_boot_id())
-_OWNER_RE = re.compile(r"^(?P<host>[0-9a-f]{6})(?P<boot>[0-9a-f]{6})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
-_LEGACY_RE = re.compile(r"^[0-9a-f]{8}$")
-
-
-def temp_name(final_name: str) -> str:
-    """A hidden sibling name for writing ``final_name``, tagged with its owner."""
-    pid = os.getpid()
-    return f".{final_name}.tmp-{_HOST}{_BOOT}-{pid}-{_start_ticks(pid)}-{uuid.uuid4().hex[:8]}"
-
-
-def _pid_alive(pid: int, start: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    except OSError:
-        return True
-    now = _start_ticks(pid)
-    return not (start and now and now != start)
-
-
-def _is_stale(tag: str, age: float) -> bool:
-    m = _OWNER_RE.match(tag)
-    if m is None:
-        return bool(_LEGACY_RE.match(tag)) and age > LEGACY_STALE_SECONDS
-    if m["host"] != _HOST:
-        return age > FOREIGN_STALE_SECONDS
-    if m["boot"] != _BOOT:
-        return True  # this host rebooted since: its owner is gone
-    return not _pid_alive(int(m["pid"]), int(m["start"]))
-
-
-def clean_stale_temps(parent, final_name: str) -> list[str]:
-    """Remove the temporaries of ``final_name`` in ``parent`` that dead runs left
-    (killed mid-save). Live runs' temporaries, other names, symlinks and other
-    users' files are left alone. Returns the removed paths."""
-    parent = os.fspath(parent)
-    prefix = f".{final_name}.tmp-"
-    legacy_old = f".{final_name}.old-"  # an older build's overwrite, killed between its two renames
-    removed = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        if entry.name.startswith(prefix):
-            tag = entry.name[len(prefix):]
-        elif entry.name.startswith(legacy_old) and _LEGACY_RE.match(entry.name[len(legacy_old):]):
-            tag = entry.name[len(legacy_old):]
-        else:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISLNK(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
-            continue
-        if not _is_stale(tag, time.time() - st.st_mtime):
-            continue
-        try:
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(entry.path)
-            elif stat.S_ISREG(st.st_mode):
-                os.unlink(entry.path)
-            else:
-                continue
-        except FileNotFoundError:
-            continue  # another run cleaned it first
-        except OSError as exc:
-            log.warning("could not remove the stale temporary %s: %s", entry.path, exc)
-            continue
-        log.info("removed %s, left by a run that no longer exists", entry.path)
-        removed.append(entry.path)
-    return removed
 
 
 # -- destination checks -------------------------------------------------------------------
@@ -344,6 +143,16 @@ def remove_created(made: list[str]) -> None:
             break
 
 
+def _lstat_or_none(path: str, what: str) -> os.stat_result | None:
+    """What is at ``path`` (a final symlink not followed); None when nothing is."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DestinationError(f"cannot inspect {what}: {exc.strerror}", file=path) from None
+
+
 # -- single output files (decompress, reports) ------------------------------------------------
 
 def check_output_file(out, *, overwrite: bool, protected_dirs: Iterable = (),
@@ -371,12 +180,9 @@ def check_output_file(out, *, overwrite: bool, protected_dirs: Iterable = (),
         if _inside(_real(out), _real(d)) or _inside(out, os.path.abspath(os.fspath(d))):
             raise DestinationError(f"output lies inside {d}, which this command reads: "
                                    "write it somewhere else", file=out)
-    try:
-        st = os.lstat(out)
-    except FileNotFoundError:
+    st = _lstat_or_none(out, "the output path")
+    if st is None:
         return out
-    except OSError as exc:
-        raise DestinationError(f"cannot inspect the output path: {exc.strerror}", file=out) from None
     if not stat.S_ISREG(st.st_mode):
         raise DestinationError(f"output exists and is {_describe_mode(st.st_mode)}: refusing to replace it", file=out)
     for f in protected_files:
@@ -462,12 +268,9 @@ def check_directory_destination(dst, *, overwrite: bool, protected: Iterable = (
         raise DestinationError(f"destination overlaps the source {hit} (same path, inside it, or containing "
                                "it): choose another destination", file=path)
     missing = missing_parents(path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = _lstat_or_none(path, "the destination")
+    if st is None:
         return missing
-    except OSError as exc:
-        raise DestinationError(f"cannot inspect the destination: {exc.strerror}", file=path) from None
     if not stat.S_ISDIR(st.st_mode):
         raise CheckpointExistsError(f"destination exists and is {_describe_mode(st.st_mode)}: never replaced",
                                     file=path)
@@ -522,31 +325,41 @@ def publish_directory(tmp, dst, *, overwrite: bool, replaceable: Callable[[str],
             raise CheckpointExistsError(f"destination changed while saving and is no longer a Birkhoff "
                                         f"checkpoint ({why}): left as it is", file=dst)
         if rename_exchange(tmp, dst):
-            why = replaceable(tmp)  # what we swapped out: still the checkpoint we agreed to replace?
-            if why is not None:
-                if not rename_exchange(tmp, dst):
-                    # keep what was there under a name no clean-up ever touches
-                    kept = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.kept-{uuid.uuid4().hex[:8]}")
-                    os.rename(tmp, kept)
-                    log.error("could not swap %s back; the replaced directory is kept at %s", dst, kept)
-                    raise CheckpointExistsError(f"destination changed while saving; the previous content is "
-                                                f"kept at {kept}", file=dst)
-                raise CheckpointExistsError(f"destination changed while saving ({why}): left as it is",
-                                            file=dst)
+            _check_swapped_out(tmp, dst, replaceable)
             shutil.rmtree(tmp, ignore_errors=True)
-            return
-        # no exchange on this system: move the old one aside under our temporary name
-        # family (a later run removes it if we die), then publish without replacing
-        old = os.path.join(os.path.dirname(dst), temp_name(os.path.basename(dst)))
-        os.rename(dst, old)
-        try:
-            rename_noreplace(tmp, dst)
-        except BaseException:
-            try:
-                rename_noreplace(old, dst)
-            except OSError:
-                log.error("could not move %s back; the previous checkpoint is kept at %s", dst, old)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        else:
+            _replace_without_exchange(tmp, dst)
         return
     raise CheckpointExistsError("destination keeps changing while saving: giving up", file=dst)
+
+
+def _check_swapped_out(tmp: str, dst: str, replaceable: Callable[[str], str | None]) -> None:
+    """After the exchange ``tmp`` holds what was at ``dst``: it must still be the
+    checkpoint the caller agreed to replace, or it is swapped back (or, where that
+    fails, kept under a name no clean-up touches) and the save refused."""
+    why = replaceable(tmp)
+    if why is None:
+        return
+    if not rename_exchange(tmp, dst):
+        kept = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.kept-{uuid.uuid4().hex[:8]}")
+        os.rename(tmp, kept)
+        log.error("could not swap %s back; the replaced directory is kept at %s", dst, kept)
+        raise CheckpointExistsError(f"destination changed while saving; the previous content is "
+                                    f"kept at {kept}", file=dst)
+    raise CheckpointExistsError(f"destination changed while saving ({why}): left as it is", file=dst)
+
+
+def _replace_without_exchange(tmp: str, dst: str) -> None:
+    """No exchange on this system: move the old directory aside under our temporary
+    name family (a later run removes it if we die), then publish without replacing."""
+    old = os.path.join(os.path.dirname(dst), temp_name(os.path.basename(dst)))
+    os.rename(dst, old)
+    try:
+        rename_noreplace(tmp, dst)
+    except BaseException:
+        try:
+            rename_noreplace(old, dst)
+        except OSError:
+            log.error("could not move %s back; the previous checkpoint is kept at %s", dst, old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,28 +15,52 @@ class BackendUnavailableError(BirkhoffError, RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 
-class _Located(BirkhoffError):
-    """An error about a file and, where known, a tensor in it."""
+class LocatedError(BirkhoffError):
+    """An error about a place: a message plus named location fields (a file and a
+    tensor, a file and a dataset item, a store key...).
 
-    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
-        self.file = None if file is None else str(file)
-        self.tensor = tensor
+    A subclass lists its fields in ``where_fields``; each becomes an attribute (None
+    when not given) and is passed by keyword only. The message is ``detail`` followed
+    by the shown fields in brackets (``_show`` decides how a field reads, or hides it).
+    Pickling (Ray moves errors between processes) keeps every field."""
+
+    where_fields: tuple[str, ...] = ()
+
+    def __init__(self, message: str, **where):
+        unknown = sorted(set(where) - set(self.where_fields))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no location field {', '.join(unknown)}")
         self.detail = message
-        where = []
-        if self.file is not None:
-            where.append(f"file {self.file}")
-        if tensor is not None:
-            shown = repr(tensor)
-            # a name can be megabytes long in a malformed file: the message shows its start
-            where.append(f"tensor {shown if len(shown) <= 300 else shown[:300] + '...'}")
-        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        for name in self.where_fields:
+            setattr(self, name, where.get(name))
+        shown = [s for s in (self._show(n, getattr(self, n)) for n in self.where_fields) if s]
+        super().__init__(f"{message} ({', '.join(shown)})" if shown else message)
+
+    def _show(self, name: str, value) -> str | None:
+        return None if value is None else f"{name} {value}"
 
     def __reduce__(self):  # keep the fields across Ray / pickling boundaries
-        return (_rebuild, (type(self), self.detail, self.file, self.tensor))
+        return (_rebuild, (type(self), self.detail, {n: getattr(self, n) for n in self.where_fields}))
 
 
-def _rebuild(cls, message, file, tensor):
-    return cls(message, file=file, tensor=tensor)
+def _rebuild(cls, message, where):
+    return cls(message, **where)
+
+
+class _Located(LocatedError):
+    """An error about a file and, where known, a tensor in it."""
+
+    where_fields = ("file", "tensor")
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
+        super().__init__(message, file=None if file is None else str(file), tensor=tensor)
+
+    def _show(self, name: str, value) -> str | None:
+        if name == "tensor" and value is not None:
+            shown = repr(value)
+            # a name can be megabytes long in a malformed file: the message shows its start
+            return f"tensor {shown if len(shown) <= 300 else shown[:300] + '...'}"
+        return super()._show(name, value)
 
 
 class SourceError(_Located, ValueError):

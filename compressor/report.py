@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .format.fsio import atomic_file, fsync_file
+from .stats import shape_numel
 
 REPORT_COLUMNS = ("name", "shape", "dtype", "numel", "raw", "raw_reason", "layout", "U", "K", "bits", "mae")
 
@@ -11,15 +13,12 @@ REPORT_COLUMNS = ("name", "shape", "dtype", "numel", "raw", "raw_reason", "layou
 def manifest_rows(manifest: dict) -> list[dict]:
     rows = []
     for name, m in manifest["tensors"].items():
-        numel = 1
-        for d in m["shape"]:
-            numel *= int(d)
         raw = bool(m["raw"])
         rows.append({
             "name": name,
             "shape": [int(d) for d in m["shape"]],
             "dtype": m["dtype"],
-            "numel": numel,
+            "numel": shape_numel(m["shape"]),
             "raw": raw,
             "raw_reason": m.get("raw_reason") if raw else None,
             "layout": None if raw else m["layout"],
@@ -47,11 +46,7 @@ def write_parquet(rows: list[dict], path, *, atomic: bool = True) -> Path:
     if not atomic:
         pq.write_table(table, str(path))
         return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(str(path.parent), path.name) as tmp:
+        pq.write_table(table, tmp)
+        fsync_file(tmp)
     return path

@@ -46,14 +46,19 @@ def _stat(path, *, follow: bool = True) -> os.stat_result:
     """``os.stat`` with each failure as a SourceError that says what it is."""
     try:
         return os.stat(path) if follow else os.lstat(path)
-    except FileNotFoundError:
-        raise SourceError("no such file or directory", file=str(path)) from None
-    except PermissionError:
-        raise SourceError("permission denied", file=str(path)) from None
-    except NotADirectoryError:
-        raise SourceError("a parent of the path is not a directory", file=str(path)) from None
     except OSError as exc:
-        raise SourceError(f"cannot access: {exc.strerror}", file=str(path)) from None
+        raise _os_error(exc, path, "access") from None
+
+
+def _os_error(exc: OSError, path, verb: str) -> SourceError:
+    """A failed stat or open of a source path, said in words."""
+    if isinstance(exc, FileNotFoundError):
+        return SourceError("no such file or directory", file=str(path))
+    if isinstance(exc, PermissionError):
+        return SourceError("permission denied", file=str(path))
+    if isinstance(exc, NotADirectoryError) and verb == "access":
+        return SourceError("a parent of the path is not a directory", file=str(path))
+    return SourceError(f"cannot {verb}: {exc.strerror}", file=str(path))
 
 
 def _open_fd(path) -> tuple[int, os.stat_result]:
@@ -62,12 +67,8 @@ def _open_fd(path) -> tuple[int, os.stat_result]:
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise SourceError("no such file or directory", file=str(path)) from None
-    except PermissionError:
-        raise SourceError("permission denied", file=str(path)) from None
     except OSError as exc:
-        raise SourceError(f"cannot open: {exc.strerror}", file=str(path)) from None
+        raise _os_error(exc, path, "open") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -32,18 +32,13 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .dtypes import DTYPES, NAME_BY_ST_CODE
 from .errors import SourceError
 from .source_files import PICKLE, SAFETENSORS, ZIP, TensorInfo, _read_small, _stat, describe_mode, opened, sniff
 from .torch_files import _torch_index, _torch_load
 
 log = logging.getLogger(__name__)
 
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-_ST_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-                "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 # Files that rebuild a Hugging Face architecture and its processor (copied next to
 # the compressed shards)...
 ARCHITECTURE_FILES = (
@@ -198,13 +193,13 @@ def _safetensors_index(f: Path) -> list[TensorInfo]:
             for k in fh.keys():
                 sl = fh.get_slice(k)
                 shape = tuple(int(d) for d in sl.get_shape())
-                dt = _ST_DTYPES.get(sl.get_dtype())
+                dt = NAME_BY_ST_CODE.get(sl.get_dtype())
                 if dt is None:
                     raise SourceError(f"unsupported dtype {sl.get_dtype()}", file=str(f), tensor=k)
                 numel = 1
                 for d in shape:
                     numel *= d
-                out.append(TensorInfo(k, shape, dt, numel, numel * _ST_ITEMSIZE[dt], str(f)))
+                out.append(TensorInfo(k, shape, dt, numel, numel * DTYPES[dt].itemsize, str(f)))
             return out
     except SourceError:
         raise

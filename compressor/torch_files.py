@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import NAME_BY_TORCH
 from .errors import SourceError
 from .source_files import ZIP, TensorInfo, opened, sniff
 
@@ -75,8 +76,6 @@ def _as_state_dict(obj, f: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_index(d: dict[str, torch.Tensor], f: Path) -> list[TensorInfo]:
-    from .codec import TORCH_TO_NAME
-
     out = []
     for k, t in d.items():
         if t.is_meta:
@@ -86,7 +85,7 @@ def _torch_index(d: dict[str, torch.Tensor], f: Path) -> list[TensorInfo]:
                               "convert it with .to_dense()", file=str(f), tensor=k)
         if t.is_quantized:
             raise SourceError(f"quantized tensor ({t.dtype}) is not supported", file=str(f), tensor=k)
-        dt = TORCH_TO_NAME.get(t.dtype)
+        dt = NAME_BY_TORCH.get(t.dtype)
         if dt is None:
             raise SourceError(f"unsupported dtype {t.dtype}", file=str(f), tensor=k)
         out.append(TensorInfo(k, tuple(t.shape), dt, t.numel(), t.numel() * t.element_size(), str(f)))

@@ -6,32 +6,29 @@ them the same way as the compressor's own errors (one line, exit status 2).
 
 from __future__ import annotations
 
-from compressor.errors import BirkhoffError, ConfigError
+from compressor.errors import BirkhoffError, ConfigError, LocatedError
 
 
 class EvalError(BirkhoffError):
     """Base class of the evaluation jobs' errors."""
 
 
-class DatasetError(EvalError, ValueError):
+class DatasetError(EvalError, LocatedError, ValueError):
     """An annotation file, image or detections file is missing or malformed.
 
-    ``file`` names the file; ``item`` the image or annotation concerned, when known.
+    ``file`` names the file; ``item`` the image or annotation concerned, when known
+    (shown as it is: "image 12", "annotation 7").
     """
 
+    where_fields = ("file", "item")
+
     def __init__(self, message: str, *, file: str | None = None, item: str | None = None):
-        self.file = None if file is None else str(file)
-        self.item = item
-        self.detail = message
-        where = [w for w in ((f"file {self.file}" if self.file else None), item) if w]
-        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        super().__init__(message, file=None if file is None else str(file), item=item)
 
-    def __reduce__(self):  # keep the fields across Ray's pickling
-        return (_rebuild_dataset_error, (type(self), self.detail, self.file, self.item))
-
-
-def _rebuild_dataset_error(cls, message, file, item):
-    return cls(message, file=file, item=item)
+    def _show(self, name: str, value) -> str | None:
+        if not value:
+            return None
+        return f"file {value}" if name == "file" else str(value)
 
 
 class DatasetChangedError(DatasetError):

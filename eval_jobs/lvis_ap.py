@@ -187,22 +187,7 @@ def lvis_mask_ap(gt: LvisGroundTruth, results: Sequence[dict], image_ids: Sequen
     unknown = [i for i in ids if i not in gt.sizes]
     if unknown:
         raise DatasetError(f"images {unknown[:5]} are not in the LVIS annotations", file=gt.path)
-    idset = set(ids)
-    per_img: dict[int, list[dict]] = defaultdict(list)
-    for k, r in enumerate(results):
-        iid = int(r["image_id"])
-        if iid in idset:
-            rle = _rle(r["segmentation"])
-            per_img[iid].append({"id": k + 1, "category_id": int(r["category_id"]), "score": float(r["score"]),
-                                 "rle": rle, "area": float(mask_utils.area(rle))})
-    dts: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for iid, ds in per_img.items():
-        if len(ds) > max_dets:  # LVISResults keeps the best max_dets per image
-            ds = sorted(ds, key=lambda d: d["score"], reverse=True)[:max_dets]
-        positive = {c for (i, c) in gt.anns if i == iid}
-        for d in ds:
-            if d["category_id"] in gt.neg[iid] or d["category_id"] in positive:
-                dts[iid, d["category_id"]].append(d)
+    dts = _federated_detections(gt, results, set(ids), max_dets)
     cats = sorted(gt.frequency)
     n_t, n_r = len(IOU_THRS), len(REC_THRS)
     precision = -np.ones((n_t, n_r, len(cats), len(AREA_RNGS)))
@@ -224,6 +209,36 @@ def lvis_mask_ap(gt: LvisGroundTruth, results: Sequence[dict], image_ids: Sequen
             pr = _precision_recall(evals)
             if pr is not None:
                 precision[:, :, ci, ai], recall[:, ci, ai] = pr
+    return _lvis_summary(precision, recall, cats, gt)
+
+
+def _federated_detections(gt: LvisGroundTruth, results: Sequence[dict], idset: set[int],
+                          max_dets: int) -> dict[tuple[int, int], list[dict]]:
+    """The results per (image, category) that LVIS scores: the best ``max_dets`` of an
+    image, in categories verified present or absent there."""
+    from pycocotools import mask as mask_utils
+
+    per_img: dict[int, list[dict]] = defaultdict(list)
+    for k, r in enumerate(results):
+        iid = int(r["image_id"])
+        if iid in idset:
+            rle = _rle(r["segmentation"])
+            per_img[iid].append({"id": k + 1, "category_id": int(r["category_id"]), "score": float(r["score"]),
+                                 "rle": rle, "area": float(mask_utils.area(rle))})
+    dts: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for iid, ds in per_img.items():
+        if len(ds) > max_dets:  # LVISResults keeps the best max_dets per image
+            ds = sorted(ds, key=lambda d: d["score"], reverse=True)[:max_dets]
+        positive = {c for (i, c) in gt.anns if i == iid}
+        for d in ds:
+            if d["category_id"] in gt.neg[iid] or d["category_id"] in positive:
+                dts[iid, d["category_id"]].append(d)
+    return dts
+
+
+def _lvis_summary(precision: np.ndarray, recall: np.ndarray, cats: list[int],
+                  gt: LvisGroundTruth) -> dict[str, float]:
+    """The AP / AR figures of :func:`lvis_mask_ap` from its precision and recall tables."""
 
     def mean(a: np.ndarray) -> float:
         v = a[a > -1]

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from compressor.format.fsio import write_atomic
 
 from .prompts import ALL_PROMPTS, PromptType
 
@@ -88,8 +89,6 @@ def write_paper_table(results: "EvalResults", out_dir: str | Path) -> list[Path]
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for name, text in ((MARKDOWN_NAME, to_markdown(results)), (CSV_NAME, to_csv(results))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_atomic(out / name, text)
         files.append(out / name)
     return files

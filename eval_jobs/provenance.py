@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from compressor.format.fsio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,7 @@ def write_provenance(model_dir: str | Path, weights: str, **info) -> Path:
     if weights not in KINDS:
         raise ValueError(f"weights must be one of {KINDS}, got {weights!r}")
     p = Path(model_dir) / FILENAME
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"weights": weights, **info}, indent=1, sort_keys=True))
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps({"weights": weights, **info}, indent=1, sort_keys=True))
     return p
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from compressor.format.fsio import write_atomic
 
 if TYPE_CHECKING:
     from .prompts import PromptBatch
@@ -117,9 +117,7 @@ def write_artifacts(results: "EvalResults", out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     files = []
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results.to_json_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results.to_json_dict(), indent=2, sort_keys=True))
     files.append(out / "results.json")
     files += write_paper_table(results, out)
     files.append(save_miou_chart(results, out / "miou_per_prompt.png"))
@@ -137,9 +135,9 @@ def log_eval_to_mlflow(results: "EvalResults", parent_run_id: str | None = None,
     tagged with the original's provenance (``birkhoff.weights``); a random-init
     original's run is tagged ``birkhoff.fidelity_meaningful=false`` with a note.
     """
-    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    from . import mlflow_batches as mb
     from .provenance import provenance_tags
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -148,21 +146,16 @@ def log_eval_to_mlflow(results: "EvalResults", parent_run_id: str | None = None,
         exp_id = client.get_run(parent_run_id).info.experiment_id
         tags["mlflow.parentRunId"] = parent_run_id
     else:
-        name = experiment or "birkhoff-eval"
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    run = client.create_run(exp_id, tags=tags, run_name=run_name or f"eval {results.model}")
-    rid = run.info.run_id
+        exp_id = mb.experiment_id(client, experiment or "birkhoff-eval")
+    rid = mb.create_run(client, exp_id, run_name or f"eval {results.model}", tags)
     try:
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in results.metrics.items() if v is not None]
-        metrics += [Metric(f"throughput/{k}", float(v), now, 0) for k, v in results.timings.items()]
+        metrics = dict(results.metrics)
+        metrics.update({f"throughput/{k}": v for k, v in results.timings.items()})
         params = {"compressed": results.compressed, "original": results.original,
                   "datasets": ",".join(d["name"] for d in results.datasets)}
         params.update({f"eval.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in results.config.items()})
-        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-            client.log_batch(rid, metrics=metrics[i:i + 1000])
-        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        mb.log_metrics(client, rid, metrics)
+        mb.log_params(client, rid, params)
         with tempfile.TemporaryDirectory(prefix="birkhoff-eval-") as tmp:
             write_artifacts(results, tmp)
             client.log_artifacts(rid, tmp)

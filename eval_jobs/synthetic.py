@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from compressor.format.fsio import write_atomic
 
 # ``frequency`` follows LVIS's r/c/f labels; here it mirrors the sampling weights below.
 CATEGORIES = ({"id": 1, "name": "rectangle", "supercategory": "shape", "frequency": "f"},
@@ -200,9 +201,40 @@ def _bbox(mask: np.ndarray) -> list[float]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
+
+
+def _object_records(o, ann_id: int, iid: int, h: int, w: int, rng, mask_utils) -> tuple[dict, dict, dict]:
+    """One object's COCO annotation, SA-1B annotation and (jittered) detection."""
+    rle = mask_utils.encode(np.asfortranarray(o.mask.astype(np.uint8)))
+    rle_json = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+    seg = [o.polygon] if o.polygon is not None else rle_json
+    bbox = _bbox(o.mask)
+    area = int(o.mask.sum())
+    ann = {"id": ann_id, "image_id": iid, "category_id": o.category_id, "segmentation": seg,
+           "bbox": bbox, "area": float(area), "iscrowd": 0}
+    sa_ann = {"id": ann_id, "segmentation": rle_json, "bbox": bbox, "area": area,
+              "predicted_iou": 1.0, "stability_score": 1.0}
+    jitter = rng.normal(0, 1.5, size=4)
+    det = {"image_id": iid, "category_id": o.category_id, "score": round(float(rng.uniform(0.5, 1.0)), 4),
+           "bbox": [max(0.0, bbox[0] + jitter[0]), max(0.0, bbox[1] + jitter[1]),
+                    max(2.0, bbox[2] + jitter[2]), max(2.0, bbox[3] + jitter[3])]}
+    return ann, sa_ann, det
+
+
+def _lvis_labels(rng, mine: list[dict], cat_ids: list[int]) -> tuple[list[int], list[int], list[dict]]:
+    """LVIS: some absent categories are verified negative; a category with several
+    instances may be marked not exhaustive, and then one instance is left out.
+    Returns (negative ids, not-exhaustive ids, the image's kept annotations)."""
+    present = sorted({a["category_id"] for a in mine})
+    neg = [c for c in cat_ids if c not in present and rng.random() < 0.7]
+    not_exh = []
+    for c in present:
+        inst = [a for a in mine if a["category_id"] == c]
+        if len(inst) >= 2 and rng.random() < 0.5:
+            not_exh.append(c)
+            mine = [a for a in mine if a is not inst[-1]]
+    return neg, not_exh, mine
 
 
 def write_synthetic(out: str | Path, *, n_images: int = 8, seed: int = 0, min_size: int = 64, max_size: int = 160,
@@ -230,37 +262,17 @@ def write_synthetic(out: str | Path, *, n_images: int = 8, seed: int = 0, min_si
         images.append({"id": iid, "file_name": name, "height": h, "width": w})
         sa_anns, mine = [], []
         for o in objs:
-            rle = mask_utils.encode(np.asfortranarray(o.mask.astype(np.uint8)))
-            rle_json = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
-            seg = [o.polygon] if o.polygon is not None else rle_json
-            bbox = _bbox(o.mask)
-            area = int(o.mask.sum())
-            ann = {"id": ann_id, "image_id": iid, "category_id": o.category_id, "segmentation": seg,
-                   "bbox": bbox, "area": float(area), "iscrowd": 0}
+            ann, sa_ann, det = _object_records(o, ann_id, iid, h, w, rng, mask_utils)
             annotations.append(ann)
             mine.append(ann)
-            sa_anns.append({"id": ann_id, "segmentation": rle_json, "bbox": bbox, "area": area,
-                            "predicted_iou": 1.0, "stability_score": 1.0})
-            jitter = rng.normal(0, 1.5, size=4)
-            detections.append({"image_id": iid, "category_id": o.category_id,
-                               "score": round(float(rng.uniform(0.5, 1.0)), 4),
-                               "bbox": [max(0.0, bbox[0] + jitter[0]), max(0.0, bbox[1] + jitter[1]),
-                                        max(2.0, bbox[2] + jitter[2]), max(2.0, bbox[3] + jitter[3])]})
+            sa_anns.append(sa_ann)
+            detections.append(det)
             ann_id += 1
         # A false positive per image, so that AP is not trivially the recall.
         fx, fy = float(rng.uniform(0, w - 10)), float(rng.uniform(0, h - 10))
         detections.append({"image_id": iid, "category_id": int(rng.integers(1, len(CATEGORIES) + 1)),
                            "score": round(float(rng.uniform(0.1, 0.6)), 4), "bbox": [fx, fy, 10.0, 10.0]})
-        # LVIS: some absent categories are verified negative; a category with several
-        # instances may be marked not exhaustive, and then one instance is left out.
-        present = sorted({a["category_id"] for a in mine})
-        neg = [c for c in cat_ids if c not in present and rng.random() < 0.7]
-        not_exh = []
-        for c in present:
-            inst = [a for a in mine if a["category_id"] == c]
-            if len(inst) >= 2 and rng.random() < 0.5:
-                not_exh.append(c)
-                mine = [a for a in mine if a is not inst[-1]]
+        neg, not_exh, mine = _lvis_labels(rng, mine, cat_ids)
         lvis_annotations.extend(mine)
         lvis_images.append({"id": iid, "coco_url": f"synthetic://images/{name}", "height": h, "width": w,
                             "neg_category_ids": neg, "not_exhaustive_category_ids": not_exh})

@@ -17,12 +17,45 @@ import torch
 KINDS = ("sam", "sam_hq", "sam2", "sam-vit-b")
 
 
-def _sam_parts(size: int) -> tuple[dict, dict, dict]:
-    vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=size,
-                  patch_size=16, window_size=4, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64)
-    prompt = dict(hidden_size=32, image_size=size, patch_size=16, mask_input_channels=4)
-    decoder = dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32)
+def sam_parts(hidden: int = 32, layers: int = 2, heads: int = 2, image: int = 128, out_ch: int = 32,
+              decoder_hidden: int = 32, *, mlp_dim: int | None = None,
+              initializer_range: float | None = None) -> tuple[dict, dict, dict]:
+    """The (vision, prompt encoder, mask decoder) config dicts of a small SAM: a ViT of
+    ``layers`` blocks (windowed, the last global) with ``mlp_dim`` (default 4 x
+    ``hidden``), ``out_ch`` embedding channels, a two-block decoder of
+    ``decoder_hidden``. ``initializer_range`` None keeps transformers' default."""
+    vision = dict(hidden_size=hidden, output_channels=out_ch, num_hidden_layers=layers, num_attention_heads=heads,
+                  image_size=image, patch_size=16, window_size=4, global_attn_indexes=[layers - 1],
+                  # the prompt encoder's positional embedding has 2*num_pos_feats channels,
+                  # which must equal the image embedding's: without this the model cannot run
+                  num_pos_feats=out_ch // 2, mlp_dim=4 * hidden if mlp_dim is None else mlp_dim)
+    if initializer_range is not None:
+        vision["initializer_range"] = initializer_range
+    prompt = dict(hidden_size=out_ch, image_size=image, patch_size=16, mask_input_channels=4)
+    decoder = dict(hidden_size=decoder_hidden, mlp_dim=2 * decoder_hidden, num_hidden_layers=2, num_attention_heads=2,
+                   iou_head_hidden_dim=decoder_hidden)
     return vision, prompt, decoder
+
+
+def sam_model(kind: str, parts: tuple[dict, dict, dict]):
+    """A ``SamModel`` (``kind`` "sam") or ``SamHQModel`` ("sam_hq") of :func:`sam_parts`'
+    dicts, drawn from torch's current seed; with its config in ``model.config``."""
+    from transformers import SamConfig, SamHQConfig, SamHQModel, SamModel
+
+    vision, prompt, decoder = parts
+    if kind == "sam":
+        return SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+    if kind == "sam_hq":
+        return SamHQModel(SamHQConfig(vision_config=vision, prompt_encoder_config=prompt,
+                                      mask_decoder_config=dict(decoder, vit_dim=vision["hidden_size"])))
+    raise ValueError(f"unknown SAM kind {kind!r}; known: sam, sam_hq")
+
+
+def sam_vit_b():
+    """The SAM ViT-B architecture at full size (transformers defaults, 93.7M parameters)."""
+    from transformers import SamConfig, SamModel
+
+    return SamModel(SamConfig())
 
 
 def processor_for(config):
@@ -41,19 +74,15 @@ def processor_for(config):
 
 def build_model(kind: str, size: int = 128):
     """(model, processor) with the seed set by the caller."""
-    from transformers import (Sam2Config, Sam2Model, SamConfig, SamHQConfig, SamHQModel, SamHQProcessor,
-                              SamImageProcessor, SamModel, SamProcessor)
+    from transformers import Sam2Config, Sam2Model
 
     if kind == "sam-vit-b":
-        return SamModel(SamConfig()).eval(), SamProcessor(SamImageProcessor())
-    vision, prompt, decoder = _sam_parts(size)
-    if kind == "sam":
-        cfg = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-        return SamModel(cfg).eval(), processor_for(cfg)
-    if kind == "sam_hq":
-        cfg = SamHQConfig(vision_config=vision, prompt_encoder_config=prompt,
-                          mask_decoder_config=dict(decoder, vit_dim=vision["hidden_size"]))
-        return SamHQModel(cfg).eval(), processor_for(cfg)
+        model = sam_vit_b()
+        return model.eval(), processor_for(model.config)
+    vision, prompt, decoder = parts = sam_parts(image=size, mlp_dim=64)
+    if kind in ("sam", "sam_hq"):
+        model = sam_model(kind, parts)
+        return model.eval(), processor_for(model.config)
     if kind == "sam2":
         backbone = dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1,
                         image_size=[size, size], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
@@ -84,11 +113,17 @@ def save_model(kind: str, out_dir: str | Path, *, seed: int = 0, size: int = 128
     """Build ``kind`` after ``torch.manual_seed(seed)`` and save model + processor to ``out_dir``."""
     torch.manual_seed(seed)
     model, processor = build_model(kind, size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    processor.save_pretrained(str(out))
+    return save_random_init(model, processor, out_dir, builder=f"eval_jobs.tiny_models:{kind}", seed=seed)
+
+
+def save_random_init(model, processor, out_dir: str | Path, *, builder: str, seed: int) -> Path:
+    """Save a seeded random-init model with its processor and the provenance marker
+    that says its accuracy figures are noise."""
     from .provenance import write_provenance
 
-    write_provenance(out, "random-init", builder=f"eval_jobs.tiny_models:{kind}", seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    processor.save_pretrained(str(out))
+    write_provenance(out, "random-init", builder=builder, seed=seed)
     return out

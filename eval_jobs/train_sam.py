@@ -46,14 +46,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from compressor.format.fsio import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,44 @@ class TrainReport:
         return dataclasses.asdict(self)
 
 
+def _optimizer(model, cfg: TrainConfig):
+    """AdamW (no weight decay on biases, norms and positional tables) and its schedule:
+    linear warm-up, then cosine decay."""
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "pos" not in n]
+    keep = [p for n, p in params if not (p.ndim >= 2 and "pos" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": keep, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = min(cfg.warmup, max(1, cfg.steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.steps - warm))))
+    return opt, sched
+
+
+def _step_loss(model, batch, cfg: TrainConfig, step: int):
+    """The step's loss (box prompts, then one- and two-point prompts, weighted) and
+    the train box IoU."""
+    import torch
+
+    emb = model.vision_encoder(batch.pixel_values).last_hidden_state
+    ones = lambda n: torch.ones(batch.boxes.shape[0], batch.boxes.shape[1], n, dtype=torch.long)  # noqa: E731
+    bal = 1.0 if cfg.balance_fade <= 0 else max(0.0, 1.0 - step / (cfg.balance_fade * cfg.steps))
+    loss_box, iou_box = _loss(model(image_embeddings=emb, input_boxes=batch.boxes, multimask_output=False),
+                              batch.targets, cfg.iou_loss_weight, bal)
+    loss, wsum = cfg.box_weight * loss_box, cfg.box_weight
+    if not cfg.alternate_points or step % 2 == 0:
+        loss_p1, _ = _loss(model(image_embeddings=emb, input_points=batch.points1, input_labels=ones(1),
+                                 multimask_output=False), batch.targets, cfg.iou_loss_weight, bal)
+        loss, wsum = loss + cfg.point1_weight * loss_p1, wsum + cfg.point1_weight
+    if not cfg.alternate_points or step % 2 == 1:
+        loss_p2, _ = _loss(model(image_embeddings=emb, input_points=batch.points2, input_labels=ones(2),
+                                 multimask_output=False), batch.targets, cfg.iou_loss_weight, bal)
+        loss, wsum = loss + cfg.point2_weight * loss_p2, wsum + cfg.point2_weight
+    return loss / wsum, iou_box
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, eval_images: int = 48,
           log_every: int = 25) -> TrainReport:
     """Train, write the model directory ``out_dir`` (atomically), and return the report."""
@@ -267,7 +305,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, 
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, processor = build_model(cfg)
@@ -275,34 +312,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, 
     log.info("training a SamModel of %.2fM parameters for %d steps (%d images x %d prompts x 3 prompt kinds, "
              "%d torch threads)", n_params / 1e6, cfg.steps, cfg.batch_images, cfg.prompts_per_image,
              torch.get_num_threads())
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and "pos" not in n]
-    keep = [p for n, p in params if not (p.ndim >= 2 and "pos" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": keep, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = min(cfg.warmup, max(1, cfg.steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.steps - warm))))
+    opt, sched = _optimizer(model, cfg)
     model.train()
     losses, ious, win_l, win_i = [], [], [], []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        batch = make_batch(cfg, step, processor)
-        emb = model.vision_encoder(batch.pixel_values).last_hidden_state
-        ones = lambda n: torch.ones(batch.boxes.shape[0], batch.boxes.shape[1], n, dtype=torch.long)  # noqa: E731
-        bal = 1.0 if cfg.balance_fade <= 0 else max(0.0, 1.0 - step / (cfg.balance_fade * cfg.steps))
-        loss_box, iou_box = _loss(model(image_embeddings=emb, input_boxes=batch.boxes, multimask_output=False),
-                                  batch.targets, cfg.iou_loss_weight, bal)
-        loss, wsum = cfg.box_weight * loss_box, cfg.box_weight
-        if not cfg.alternate_points or step % 2 == 0:
-            loss_p1, _ = _loss(model(image_embeddings=emb, input_points=batch.points1, input_labels=ones(1),
-                                     multimask_output=False), batch.targets, cfg.iou_loss_weight, bal)
-            loss, wsum = loss + cfg.point1_weight * loss_p1, wsum + cfg.point1_weight
-        if not cfg.alternate_points or step % 2 == 1:
-            loss_p2, _ = _loss(model(image_embeddings=emb, input_points=batch.points2, input_labels=ones(2),
-                                     multimask_output=False), batch.targets, cfg.iou_loss_weight, bal)
-            loss, wsum = loss + cfg.point2_weight * loss_p2, wsum + cfg.point2_weight
-        loss = loss / wsum
+        loss, iou_box = _step_loss(model, make_batch(cfg, step, processor), cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -323,21 +338,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, 
     seconds = time.perf_counter() - t0
     model.eval()
     report = TrainReport(cfg.to_dict(), cfg.steps, seconds, losses, ious, n_params)
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
+    with atomic_directory(str(out.parent), out.name, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
         if eval_images:
             report.heldout = heldout_metrics(tmp, n_images=eval_images)
             log.info("held-out (%d images, seed %d): box mIoU %.4f, mask mAP %.4f", eval_images, EVAL_SEED,
                      report.heldout["miou/box"], report.heldout["map"])
         write_provenance(tmp, "trained", script="python -m eval_jobs.train_sam", torch=torch.__version__,
                          report=report.to_dict())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

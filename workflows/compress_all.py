@@ -141,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tracking_answers(uri: str | None) -> bool:
+    """An MLflow server that does not answer fails the run here, in one line, before the
+    store or Ray is touched (MLflow's client would retry for minutes)."""
+    from compressor.errors import BirkhoffError
+    from workflows import redaction
+    from workflows.tracking import probe_tracking_server
+
+    try:
+        probe_tracking_server(uri or "")
+    except BirkhoffError as exc:
+        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,40 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     from workflows import redaction
 
     redaction.install(args.log_level)
-    from compressor.errors import BirkhoffError
     from workflows.driver import DEFAULT_MAX_UNIT_SOURCE_BYTES, RunOptions, git_commit
     from workflows.zoo_run import run_zoo
-    from workflows.store import LocalStore, S3Store, open_store
-    from workflows.zoo import load_zoo
 
     runs = _runs_dir()
     in_ray_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if in_ray_job and (args.store is None or args.tracking_uri is None):
         log.warning("running as a Ray job with a default store or tracking URI: they live in the job's "
                     "temporary working dir (%s); pass --store and --tracking-uri to keep results", runs)
-    # an MLflow server that does not answer fails here, in one line, before the store or Ray is touched
-    from workflows.tracking import probe_tracking_server
-
-    try:
-        probe_tracking_server(args.tracking_uri or "")
-    except BirkhoffError as exc:
-        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
+    if not _tracking_answers(args.tracking_uri):
         return 2
-    try:
-        zoo = load_zoo(args.zoo)
-        models = zoo.select(args.only)
-        store = open_store(args.store or str(runs / "store"), endpoint_url=args.s3_endpoint_url)
-        if isinstance(store, S3Store):
-            if args.create_bucket:
-                store.ensure_bucket()
-        elif isinstance(store, LocalStore):
-            store.root.mkdir(parents=True, exist_ok=True)
-    except BirkhoffError as exc:
-        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
+    opened = _zoo_and_store(args, runs)
+    if opened is None:
         return 2
-    except OSError as exc:  # the store folder cannot be created (permissions, a file on the way)
-        log.error("store %s unusable: %s", args.store or runs / "store", exc.strerror or exc)
-        return 2
+    zoo, models, store = opened
 
     # Ray first: an explicit cluster that does not answer fails here, in one line, before any
     # MLflow run is opened; no address at all means a private local Ray on 127.0.0.1
@@ -196,19 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
         return 2
 
-    tracking_uri = args.tracking_uri
-    artifact_location = None
-    if tracking_uri is None:
-        runs.mkdir(parents=True, exist_ok=True)
-        tracking_uri = f"sqlite:///{runs / 'mlflow.db'}"
-        artifact_location = (runs / "mlartifacts").as_uri()
-    from workflows.tracking import Tracker
-
-    try:
-        tracker = Tracker(tracking_uri, args.experiment, artifact_location=artifact_location)
-    except Exception as exc:  # unreachable server, bad URI: say so plainly, without a traceback
-        log.error("MLflow tracking at %s unusable: %s: %s", redaction.redact_uri(tracking_uri),
-                  type(exc).__name__, redaction.redact(exc))
+    tracking_uri = args.tracking_uri if args.tracking_uri is not None else f"sqlite:///{runs / 'mlflow.db'}"
+    tracker = _tracker(args, runs, tracking_uri)
+    if tracker is None:
         return 2
     redaction.protect_handlers()  # MLflow and Ray add handlers of their own
     opts = RunOptions(
@@ -224,6 +209,57 @@ def main(argv: list[str] | None = None) -> int:
     zoo_params = {"zoo": zoo.name, "zoo_file": args.zoo, "store": redaction.redact_uri(store.uri),
                   "force": args.force, "workers": args.workers, "max_shard_bytes": opts.max_shard_bytes}
     outcomes = run_zoo(zoo, models, opts, tracker, zoo_params, ray_address=args.ray_address)
+    return _summarize(args, zoo, store, tracking_uri, outcomes)
+
+
+def _zoo_and_store(args, runs: Path):
+    """(zoo, selected models, store), or None when one of them is unusable (logged)."""
+    from compressor.errors import BirkhoffError
+    from workflows import redaction
+    from workflows.store import LocalStore, S3Store, open_store
+    from workflows.zoo import load_zoo
+
+    try:
+        zoo = load_zoo(args.zoo)
+        models = zoo.select(args.only)
+        store = open_store(args.store or str(runs / "store"), endpoint_url=args.s3_endpoint_url)
+        if isinstance(store, S3Store):
+            if args.create_bucket:
+                store.ensure_bucket()
+        elif isinstance(store, LocalStore):
+            store.root.mkdir(parents=True, exist_ok=True)
+    except BirkhoffError as exc:
+        log.error("%s: %s", type(exc).__name__, redaction.redact(exc))
+        return None
+    except OSError as exc:  # the store folder cannot be created (permissions, a file on the way)
+        log.error("store %s unusable: %s", args.store or runs / "store", exc.strerror or exc)
+        return None
+    return zoo, models, store
+
+
+def _tracker(args, runs: Path, tracking_uri: str):
+    """The MLflow tracker (a SQLite store under ``runs`` by default), or None when it
+    is unusable (logged)."""
+    from workflows import redaction
+    from workflows.tracking import Tracker
+
+    artifact_location = None
+    if args.tracking_uri is None:
+        runs.mkdir(parents=True, exist_ok=True)
+        artifact_location = (runs / "mlartifacts").as_uri()
+    try:
+        return Tracker(tracking_uri, args.experiment, artifact_location=artifact_location)
+    except Exception as exc:  # unreachable server, bad URI: say so plainly, without a traceback
+        log.error("MLflow tracking at %s unusable: %s: %s", redaction.redact_uri(tracking_uri),
+                  type(exc).__name__, redaction.redact(exc))
+        return None
+
+
+def _summarize(args, zoo, store, tracking_uri: str, outcomes) -> int:
+    """Log one line per model, print the summary line (and write it with
+    --summary-json); the exit status: 1 when a model failed."""
+    from workflows import redaction
+
     summary = {"zoo": zoo.name, "store": store.uri, "tracking_uri": redaction.redact_uri(tracking_uri),
                "models": {o.name: o.as_dict() for o in outcomes}}
     for o in outcomes:

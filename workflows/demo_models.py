@@ -25,9 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
+
+from compressor.format.fsio import atomic_directory
+from eval_jobs import tiny_models as tiny
 
 log = logging.getLogger(__name__)
 
@@ -37,60 +39,12 @@ BUILD_VERSION = 4  # bump when a builder changes: cached builds are keyed by it
 TRAINED = {"sam-shapes": "sam-shapes"}
 
 
-def _sam_config(hidden: int, layers: int, heads: int, image: int, out_ch: int, decoder_hidden: int):
-    from transformers import SamConfig
-
-    vc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_dim=4 * hidden,
-              image_size=image, patch_size=16, output_channels=out_ch,
-              global_attn_indexes=[layers - 1], window_size=4, initializer_range=0.02,
-              # the prompt encoder's positional embedding has 2*num_pos_feats channels,
-              # which must equal the image embedding's: without this the model cannot run
-              num_pos_feats=out_ch // 2)
-    return SamConfig(
-        vision_config=vc,
-        prompt_encoder_config=dict(hidden_size=out_ch, image_size=image, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=decoder_hidden, mlp_dim=2 * decoder_hidden, num_hidden_layers=2,
-                                 num_attention_heads=2, iou_head_hidden_dim=decoder_hidden),
-    )
-
-
-def _sam_tiny():
-    from transformers import SamModel
-
-    return SamModel(_sam_config(64, 2, 2, 128, 32, 32))
-
-
-def _sam_small():
-    from transformers import SamModel
-
-    return SamModel(_sam_config(192, 4, 4, 256, 64, 64))
-
-
-def _sam_hq_tiny():
-    from transformers import SamHQConfig, SamHQModel
-
-    base = _sam_config(64, 2, 2, 128, 32, 32).to_dict()
-    dec = dict(base["mask_decoder_config"], vit_dim=64)
-    for k in ("model_type", "transformers_version"):
-        for sub in (base["vision_config"], base["prompt_encoder_config"], dec):
-            sub.pop(k, None)
-    cfg = SamHQConfig(vision_config=base["vision_config"], prompt_encoder_config=base["prompt_encoder_config"],
-                      mask_decoder_config=dec)
-    return SamHQModel(cfg)
-
-
-def _sam_vit_b():
-    """The SAM ViT-B architecture at full size (transformers defaults, 93.7M parameters)."""
-    from transformers import SamConfig, SamModel
-
-    return SamModel(SamConfig())
-
-
+# name -> a builder of eval_jobs.tiny_models (the one SAM builder), drawn from the seed
 BUILDERS: dict[str, Callable] = {
-    "sam-tiny": _sam_tiny,
-    "sam-small": _sam_small,
-    "sam-hq-tiny": _sam_hq_tiny,
-    "sam-vit-b": _sam_vit_b,
+    "sam-tiny": lambda: tiny.sam_model("sam", tiny.sam_parts(64, 2, 2, 128, 32, 32, initializer_range=0.02)),
+    "sam-small": lambda: tiny.sam_model("sam", tiny.sam_parts(192, 4, 4, 256, 64, 64, initializer_range=0.02)),
+    "sam-hq-tiny": lambda: tiny.sam_model("sam_hq", tiny.sam_parts(64, 2, 2, 128, 32, 32, initializer_range=0.02)),
+    "sam-vit-b": tiny.sam_vit_b,
 }
 
 
@@ -119,27 +73,15 @@ def build(name: str, cache_dir=None) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     log.info("building demo model %s into %s", name, out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = BUILDERS[name]()
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    # another worker building it at the same time writes the same bytes: the first rename wins
+    with atomic_directory(str(root), out.name) as tmp:
         # the processor travels with the model: evaluation rebuilds both from the directory
-        from eval_jobs.tiny_models import processor_for
-
-        processor_for(model.config).save_pretrained(str(tmp))
-        from eval_jobs.provenance import write_provenance
-
-        write_provenance(tmp, "random-init", builder=f"workflows.demo_models:{name}", seed=SEED)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another worker won the race: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        tiny.save_random_init(model, tiny.processor_for(model.config), tmp, builder=f"workflows.demo_models:{name}",
+                              seed=SEED)
     return out
 
 
@@ -168,13 +110,6 @@ def _copy_trained(name: str, root: Path) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(str(root), out.name) as tmp:  # a concurrent copy is identical: the first wins
         shutil.copytree(src, tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another worker won the race: theirs is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

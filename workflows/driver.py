@@ -31,6 +31,7 @@ from pathlib import Path
 
 from compressor import format as fmt
 from compressor.codec import CODEC_VERSION
+from compressor.stats import manifest_stats, size_ratio
 
 from . import commit as commits
 from .commit import fetch_checkpoint  # noqa: F401  (callers and tests import it from the driver)
@@ -412,25 +413,12 @@ def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> ShardResul
 
 
 def _manifest_metrics(manifest: dict, source_bytes: int, manifest_bytes: int) -> dict:
-    tensors = manifest["tensors"]
-    numel = err = 0
-    comp = 0
-    for m in tensors.values():
-        n = 1
-        for d in m["shape"]:
-            n *= int(d)
-        numel += n
-        if not m["raw"]:
-            comp += 1
-            err += float(m["abs_error_sum"])
+    counts = manifest_stats(manifest)
     stored = sum(int(v["bytes"]) for v in manifest["shards"].values()) + \
         sum(int(v["bytes"]) for v in manifest.get("extra_files", {}).values()) + manifest_bytes
     return {
-        "ratio": source_bytes / stored if stored else 0.0,
+        "ratio": size_ratio(source_bytes, stored),
         "original_bytes": source_bytes,
         "compressed_bytes": stored,
-        "mae": err / numel if numel else 0.0,
-        "params": numel,
-        "compressed_tensors": comp,
-        "raw_tensors": len(tensors) - comp,
+        **{k: counts[k] for k in ("mae", "params", "compressed_tensors", "raw_tensors")},
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.errors import BirkhoffError
+from compressor.errors import BirkhoffError, LocatedError
 
 
 class WorkflowError(BirkhoffError, RuntimeError):
@@ -13,23 +13,18 @@ class ZooError(BirkhoffError, ValueError):
     """The zoo file is invalid; the message names the file and the model."""
 
 
-class StoreError(BirkhoffError, RuntimeError):
+class StoreError(LocatedError, RuntimeError):
     """An object store operation failed for a reason retrying will not fix
-    (access denied, no such bucket, bad URI). Never carries credentials."""
+    (access denied, no such bucket, bad URI). Never carries credentials.
+    ``key`` is the object's key; the message already names its URL."""
+
+    where_fields = ("key",)
 
     def __init__(self, message: str, *, key: str | None = None):
-        self.key = key
-        super().__init__(message)
+        super().__init__(message, key=key)
 
-    def __reduce__(self):  # survive Ray's pickling with the key kept
-        return (type(self)._rebuild, (str(self), self.key))
-
-    @classmethod
-    def _rebuild(cls, message, key):
-        err = cls.__new__(cls)
-        RuntimeError.__init__(err, message)
-        err.key = key
-        return err
+    def _show(self, name: str, value) -> str | None:
+        return None  # the message says where (a redacted URL); the key is for callers
 
 
 class TransientStoreError(StoreError):

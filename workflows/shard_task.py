@@ -127,13 +127,8 @@ def _open_checked_source(job: CompressJob):
     return src, index
 
 
-def _entry_stats(entries) -> dict:
-    return {
-        "params": sum(e.numel for e in entries.values()),
-        "abs_error_sum": float(sum(e.abs_error_sum for e in entries.values())),
-        "compressed_tensors": sum(1 for e in entries.values() if not e.raw),
-        "raw_tensors": sum(1 for e in entries.values() if e.raw),
-    }
+# what a shard's result records of compressor.stats' counts
+_SHARD_COUNTS = ("params", "abs_error_sum", "compressed_tensors", "raw_tensors")
 
 
 def run_shard(job: CompressJob) -> ShardResult:
@@ -144,6 +139,7 @@ def run_shard(job: CompressJob) -> ShardResult:
     from compressor.checkpoint_writer import CheckpointWriter
     from compressor.codec import CODEC_VERSION
     from compressor.config import HyperCompressionConfig
+    from compressor.stats import entry_stats
 
     from . import redaction
     from .commit import StoreSink
@@ -163,7 +159,9 @@ def run_shard(job: CompressJob) -> ShardResult:
              sum(index[n].numel for n in unit.names) / 1e6, backend.backend.value)
     timings: dict = {}
     entries = compress_tensors(src, list(unit.names), config, backend.kernels, progress=False, timings=timings)
-    stats = dict(_entry_stats(entries), compress_seconds=float(timings.get("seconds", 0.0)))
+    counts = entry_stats(entries.values())
+    stats = {k: counts[k] for k in _SHARD_COUNTS}
+    stats["compress_seconds"] = float(timings.get("seconds", 0.0))
     with tempfile.TemporaryDirectory(prefix="birkhoff-shard-") as d:
         # the name carries the sha256 of the bytes, known once they are written
         writer = CheckpointWriter(d, StoreSink(store, job.prefix), backend.kernels)

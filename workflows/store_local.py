@@ -22,8 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ChecksumMismatchError, ConditionFailedError, StoreError
+from compressor.format.fsio import atomic_file
 from compressor.format.fsio import fsync_dir as _fsync_dir
+from compressor.format.fsio import fsync_file as _fsync_file
+
+from .errors import ChecksumMismatchError, ConditionFailedError, StoreError
 
 from .store import _BLOCK, STALE_SECONDS, TMP_MARK, ObjectInfo, Store, _check_key, file_sha256
 
@@ -131,14 +134,12 @@ class LocalStore(Store):
             raise StoreError(f"no such object {key!r} in {self.uri}", key=key)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, path)
+            with atomic_file(str(path.parent), path.name) as tmp:
+                shutil.copyfile(src, tmp)
+                _fsync_file(tmp)
         except FileNotFoundError:
             raise StoreError(f"no such object {key!r} in {self.uri}", key=key) from None
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     def read(self, key: str, max_bytes: int) -> tuple[bytes, ObjectInfo] | None:

@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+from compressor.format.fsio import atomic_file
+
 from .errors import ChecksumMismatchError, ConditionFailedError, StoreError, TransientStoreError
 from .redaction import redact, redact_uri
 from .store import (_BLOCK, MULTIPART_THRESHOLD, PART_SIZE, STALE_SECONDS, ObjectInfo, RetryPolicy, Store,
@@ -212,18 +214,24 @@ class S3Store(Store):
             raise
         return hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
 
-    def _verify(self, key: str, size: int, sha: str, etag: str) -> None:
+    def _absent_is_none(self, call, key: str):
+        """``call(Bucket=..., Key=...)`` for the object at ``key``; None when there is none."""
         from botocore.exceptions import ClientError
 
         try:
-            h = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return call(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
-                # stored, then removed by someone else (a concurrent cleanup): the upload
-                # itself succeeded; whoever relies on the object checks it before use
-                log.warning("upload %s: the object was removed right after it was stored", self.url(key))
-                return
+                return None
             raise
+
+    def _verify(self, key: str, size: int, sha: str, etag: str) -> None:
+        h = self._absent_is_none(self.client.head_object, key)
+        if h is None:
+            # stored, then removed by someone else (a concurrent cleanup): the upload
+            # itself succeeded; whoever relies on the object checks it before use
+            log.warning("upload %s: the object was removed right after it was stored", self.url(key))
+            return
         got_size = int(h["ContentLength"])
         got_etag = h.get("ETag", "").strip('"')
         got_sha = h.get("Metadata", {}).get("sha256")
@@ -236,6 +244,8 @@ class S3Store(Store):
             log.debug("upload %s: replaced by another writer right after", self.url(key))
             return
         # our own upload, stored wrong: it must not stay readable under the key
+        from botocore.exceptions import ClientError
+
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=h.get("ETag"))
         except ClientError:
@@ -247,9 +257,8 @@ class S3Store(Store):
     def get_file(self, key: str, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
-        def go():
+        def go(tmp: str):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             want = resp.get("Metadata", {}).get("sha256")
             h = hashlib.sha256()
@@ -257,25 +266,19 @@ class S3Store(Store):
                 for chunk in resp["Body"].iter_chunks(_BLOCK):
                     h.update(chunk)
                     out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
             if want and h.hexdigest() != want:
                 raise ChecksumMismatchError(f"download {self.url(key)}: sha256 differs from the stored one", key=key)
-        try:
-            self._call("download", key, go)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(str(path.parent), path.name) as tmp:  # readers see the whole, checked file or none
+            self._call("download", key, lambda: go(tmp))
         return path
 
     def read(self, key: str, max_bytes: int) -> tuple[bytes, ObjectInfo] | None:
-        from botocore.exceptions import ClientError
-
         def go():
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
-                    return None
-                raise
+            resp = self._absent_is_none(self.client.get_object, key)
+            if resp is None:
+                return None
             size = int(resp["ContentLength"])
             if size > max_bytes:
                 resp["Body"].close()
@@ -291,15 +294,10 @@ class S3Store(Store):
         return self._call("read", key, go)
 
     def head(self, key: str) -> ObjectInfo | None:
-        from botocore.exceptions import ClientError
-
         def go():
-            try:
-                h = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
-                    return None
-                raise
+            h = self._absent_is_none(self.client.head_object, key)
+            if h is None:
+                return None
             mtime = h.get("LastModified")
             return ObjectInfo(key, int(h["ContentLength"]), h.get("Metadata", {}).get("sha256"), h.get("ETag"),
                               mtime.timestamp() if mtime else None)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from eval_jobs import mlflow_batches as mb
+
 from .processes import pid_alive
 from .redaction import redact, redact_uri
 
@@ -30,7 +32,6 @@ TAG_STATUS = "birkhoff.status"
 TAG_HOST = "birkhoff.driver_host"
 TAG_PID = "birkhoff.driver_pid"
 TAG_HEARTBEAT = "birkhoff.heartbeat"
-_PARAM_MAX = 6000
 # how long a tracking server has to answer before a run starts (MLflow's own client retries
 # a refused connection for minutes: 7 attempts with exponential back-off)
 PROBE_TIMEOUT_S = 10.0
@@ -79,20 +80,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            from mlflow.exceptions import MlflowException
-
-            try:
-                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
-            except MlflowException as exc:  # two drivers starting at once: the other one created it
-                exp = self.client.get_experiment_by_name(experiment)
-                if exp is None or exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id = exp_id
+        self.experiment_id = mb.experiment_id(self.client, experiment, artifact_location)
         self._last_beat = 0.0
 
     # -- runs -------------------------------------------------------------------
@@ -133,16 +121,15 @@ class Tracker:
         t = {"mlflow.runName": name, TAG_KIND: "zoo", TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
              TAG_HEARTBEAT: str(time.time())}
         t.update(tags or {})
-        run = self.client.create_run(self.experiment_id, tags={k: redact(v) for k, v in t.items()}, run_name=name)
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = mb.create_run(self.client, self.experiment_id, name, t, clean=redact)
+        self.log_params(run_id, params)
+        return run_id
 
     def start_child(self, parent: str, name: str, tags: Mapping[str, str] | None = None) -> str:
         t = {"mlflow.parentRunId": parent, "mlflow.runName": name, TAG_KIND: "model", "birkhoff.model": name,
              TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
         t.update(tags or {})
-        run = self.client.create_run(self.experiment_id, tags={k: redact(v) for k, v in t.items()}, run_name=name)
-        return run.info.run_id
+        return mb.create_run(self.client, self.experiment_id, name, t, clean=redact)
 
     def heartbeat(self, run_id: str, every: float = 30.0) -> None:
         now = time.time()
@@ -154,26 +141,15 @@ class Tracker:
                 log.warning("MLflow heartbeat failed: %s", redact(exc))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat: dict = {}
         _flat("", dict(params), flat)
-        items = [Param(k, redact(v)[:_PARAM_MAX]) for k, v in sorted(flat.items()) if v is not None]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        mb.log_params(self.client, run_id, {k: v for k, v in flat.items() if v is not None}, clean=redact)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, 0) for k, v in sorted(metrics.items()) if v is not None]
-        if items:
-            self.client.log_batch(run_id, metrics=items)
+        mb.log_metrics(self.client, run_id, metrics)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, redact(v)[:5000]) for k, v in tags.items()])
+        mb.set_tags(self.client, run_id, tags, clean=redact)
 
     def log_artifacts(self, run_id: str, directory) -> None:
         self.client.log_artifacts(run_id, str(directory))

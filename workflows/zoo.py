@@ -137,6 +137,19 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
+    defaults, datasets = _zoo_settings(data, path)
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ZooError(f"{path}: 'models' must be a non-empty list")
+    models, seen = [], set()
+    for i, m in enumerate(models_raw):
+        models.append(_parse_model(m, f"{path}: model #{i + 1}", path, defaults, datasets, seen))
+    zoo_name = data.get("name") or Path(path).stem
+    return Zoo(str(zoo_name), path, tuple(models), dict(datasets))
+
+
+def _zoo_settings(data: Any, path: str) -> tuple[dict, dict]:
+    """The zoo's top-level keys checked; its (defaults, datasets)."""
     if not isinstance(data, dict):
         raise ZooError(f"{path}: a zoo file is a mapping with a 'models' list")
     unknown = set(data) - _TOP_KEYS
@@ -157,60 +170,57 @@ def parse_zoo(data: Any, path: str = "<zoo>") -> Zoo:
     for dname, dspec in datasets.items():
         if dspec not in SYNTHETIC_FORMS and len(dspec.split(":")) not in (3, 4):
             raise ZooError(f"{path}: dataset {dname!r}: expected 'synthetic' or FORMAT:ANNOTATIONS:IMAGES, got {dspec!r}")
-    models_raw = data.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise ZooError(f"{path}: 'models' must be a non-empty list")
-    models, seen = [], set()
-    for i, m in enumerate(models_raw):
-        where = f"{path}: model #{i + 1}"
-        if not isinstance(m, dict):
-            raise ZooError(f"{where}: each model is a mapping")
-        name = m.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ZooError(f"{where}: name must match {NAME_RE.pattern}, got {name!r}")
-        where = f"{path}: model {name!r}"
-        if name in seen:
-            raise ZooError(f"{where}: duplicate name")
-        seen.add(name)
-        bad = set(m) - _MODEL_KEYS
-        if bad:
-            raise ZooError(f"{where}: unknown keys {sorted(bad)} (allowed: {sorted(_MODEL_KEYS)})")
-        source = m.get("source")
-        if not isinstance(source, str) or not source.strip():
-            raise ZooError(f"{where}: 'source' must be a non-empty string")
-        if not isinstance(m.get("config") or {}, dict):
-            raise ZooError(f"{where}: 'config' must be a mapping of HyperCompressionConfig fields")
-        cfg_dict = _merge(defaults.get("config") or {}, m.get("config") or {})
-        try:
-            cfg = HyperCompressionConfig.from_dict(cfg_dict)
-        except BirkhoffError as exc:
-            raise ZooError(f"{where}: invalid config: {exc}") from None
-        ev = m.get("eval", defaults.get("eval", [])) or []
-        if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
-            raise ZooError(f"{where}: 'eval' must be a list of dataset names")
-        unknown_ds = [e for e in ev if e not in datasets]
-        if unknown_ds:
-            raise ZooError(f"{where}: eval datasets {unknown_ds} are not in the zoo's 'datasets' ({sorted(datasets)})")
-        if not isinstance(m.get("tags") or {}, dict):
-            raise ZooError(f"{where}: 'tags' must be a mapping")
-        tags = _merge(defaults.get("tags") or {}, m.get("tags") or {})
-        for k, v in tags.items():
-            # tags become MLflow tags: plain short values, not structures
-            if not isinstance(k, str) or isinstance(v, (dict, list)) or len(str(v)) > _MAX_TAG_CHARS:
-                raise ZooError(f"{where}: tag {str(k)[:80]!r} must map a string to a short plain value")
-        rev = m.get("revision")
-        if rev is not None and not isinstance(rev, str):
-            raise ZooError(f"{where}: 'revision' must be a string")
-        if source.startswith("hf://"):
-            from compressor.sources import parse_hub_uri
+    return defaults, datasets
 
-            try:
-                parse_hub_uri(source.strip())
-            except BirkhoffError as exc:
-                raise ZooError(f"{where}: {exc}") from None
-        models.append(ModelSpec(name, source.strip(), cfg, rev, tuple(ev), {str(k): str(v) for k, v in tags.items()}))
-    zoo_name = data.get("name") or Path(path).stem
-    return Zoo(str(zoo_name), path, tuple(models), dict(datasets))
+
+def _parse_model(m: Any, where: str, path: str, defaults: dict, datasets: dict, seen: set) -> ModelSpec:
+    """One entry of the zoo's 'models' list, with the defaults merged in."""
+    if not isinstance(m, dict):
+        raise ZooError(f"{where}: each model is a mapping")
+    name = m.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ZooError(f"{where}: name must match {NAME_RE.pattern}, got {name!r}")
+    where = f"{path}: model {name!r}"
+    if name in seen:
+        raise ZooError(f"{where}: duplicate name")
+    seen.add(name)
+    bad = set(m) - _MODEL_KEYS
+    if bad:
+        raise ZooError(f"{where}: unknown keys {sorted(bad)} (allowed: {sorted(_MODEL_KEYS)})")
+    source = m.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ZooError(f"{where}: 'source' must be a non-empty string")
+    if not isinstance(m.get("config") or {}, dict):
+        raise ZooError(f"{where}: 'config' must be a mapping of HyperCompressionConfig fields")
+    cfg_dict = _merge(defaults.get("config") or {}, m.get("config") or {})
+    try:
+        cfg = HyperCompressionConfig.from_dict(cfg_dict)
+    except BirkhoffError as exc:
+        raise ZooError(f"{where}: invalid config: {exc}") from None
+    ev = m.get("eval", defaults.get("eval", [])) or []
+    if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
+        raise ZooError(f"{where}: 'eval' must be a list of dataset names")
+    unknown_ds = [e for e in ev if e not in datasets]
+    if unknown_ds:
+        raise ZooError(f"{where}: eval datasets {unknown_ds} are not in the zoo's 'datasets' ({sorted(datasets)})")
+    if not isinstance(m.get("tags") or {}, dict):
+        raise ZooError(f"{where}: 'tags' must be a mapping")
+    tags = _merge(defaults.get("tags") or {}, m.get("tags") or {})
+    for k, v in tags.items():
+        # tags become MLflow tags: plain short values, not structures
+        if not isinstance(k, str) or isinstance(v, (dict, list)) or len(str(v)) > _MAX_TAG_CHARS:
+            raise ZooError(f"{where}: tag {str(k)[:80]!r} must map a string to a short plain value")
+    rev = m.get("revision")
+    if rev is not None and not isinstance(rev, str):
+        raise ZooError(f"{where}: 'revision' must be a string")
+    if source.startswith("hf://"):
+        from compressor.sources import parse_hub_uri
+
+        try:
+            parse_hub_uri(source.strip())
+        except BirkhoffError as exc:
+            raise ZooError(f"{where}: {exc}") from None
+    return ModelSpec(name, source.strip(), cfg, rev, tuple(ev), {str(k): str(v) for k, v in tags.items()})
 
 
 def _read_zoo_text(p: Path) -> str:

@@ -4,13 +4,16 @@ Pairs of weights go to the nearest point of an unbounded hexagonal (A2) lattice 
 step is set per row from the weights' own RMS; the integer coordinates are
 entropy-coded (constriction's ANS) in independently decodable blocks with a stored,
 validated symbol model. See :mod:`.lattice` (the NumPy reference), :mod:`.symbols`,
-:mod:`.container` (``encode_tensor`` / ``V2Tensor``), :mod:`.rate` (presets, the
-bits-per-weight knob, allocation across tensors) and :mod:`.device` (the fixed-width
-on-device form and its product).
+:mod:`.encode` (``encode_tensor``), :mod:`.container` (``V2Tensor``), :mod:`.layout`
+(its stored form and checks), :mod:`.rate` (presets, the bits-per-weight knob,
+allocation across tensors) and :mod:`.device` (the fixed-width on-device form and its
+product).
 """
 
 from .config import CONFIG_VERSION, PRESETS, CodecV2Config
-from .container import FORMAT_NAME, FORMAT_VERSION, V2Tensor, encode_tensor
+from .container import V2Tensor
+from .encode import encode_tensor
+from .layout import FORMAT_NAME, FORMAT_VERSION
 
 __all__ = ["CONFIG_VERSION", "PRESETS", "CodecV2Config", "FORMAT_NAME", "FORMAT_VERSION", "V2Tensor",
            "encode_tensor"]

@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import NonFiniteTensorError
 from .config import CodecV2Config
-from .container import V2Tensor, _as_numpy, encode_tensor, role_of
+from .container import V2Tensor
+from .encode import _as_numpy, encode_tensor, role_of
 from .kernels import V2Kernels, resolve
 from . import lattice
 from . import symbols as sy

@@ -1,11 +1,13 @@
-"""File-system helpers of the format: atomic temp-then-rename writes, directory
-syncs, regular-file opens that never block, and hashing while reading or copying."""
+"""File-system helpers of the format and of every layer above it: atomic
+temp-then-rename writes of files and folders, directory syncs, regular-file opens
+that never block, and hashing while reading or copying."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 import stat
 import uuid
 
@@ -25,6 +27,15 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    """Flush a written file's bytes to the disk (before it is renamed into sight)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -65,6 +76,42 @@ def atomic_file(directory: str, name: str):
 
 def tmp_path(directory: str, name: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def write_atomic(path, data: bytes | str) -> str:
+    """Write ``data`` (str as UTF-8) to ``path`` whole: a fsynced temporary beside it,
+    renamed onto it. Readers see the old file or the new one, never a part."""
+    directory, name = os.path.split(os.fspath(path))
+    with atomic_file(directory or ".", name) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    return os.fspath(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(parent: str, name: str, *, replace: bool = False):
+    """Yield a temporary folder path (not created) in ``parent``; when the body returns
+    having filled it, it is renamed onto ``name``, so readers only ever see a whole
+    folder. A folder already at ``name`` is kept and ours dropped (concurrent builders
+    of the same content: the first one wins), unless ``replace``, which removes it
+    first. The temporary is removed whatever happens."""
+    tmp = tmp_path(parent, name)
+    final = os.path.join(parent, name)
+    try:
+        yield tmp
+        if replace and os.path.lexists(final):
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another writer won the race: theirs stays
+            if not os.path.isdir(final):
+                raise
+        fsync_dir(parent)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hash_stream(src, dst=None) -> tuple[int, str]:

@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from .. import quant_primitives as qp
 from ..codec import CODEC_VERSION, CompressedTensor, RawTensor
 from ..config import HyperCompressionConfig, _short  # one cut-short repr for every error message
+from ..dtypes import DTYPES, FLOAT_NAMES
 from ..errors import ConfigError, DuplicateTensorError, ManifestError, SizeLimitError, UnknownFormatError
 from .fsio import atomic_file, open_regular
 from .schema import (
     _COMPRESSED_KEYS,
-    _FLOAT_NAMES,
     _RAW_KEYS,
     _SAFETENSORS_METADATA,
     _SHA256,
-    _STORED,
     _TOP_REQUIRED,
     _WRITE_LIMITS,
     FORMAT_NAME,
@@ -159,12 +158,10 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
         raise bad(f"shard {_short(shard)} is not listed in 'shards'")
     sha = _check_sha(e["sha256"], path, "entry", name)
     dtype = e["dtype"]
-    if dtype not in _STORED:
-        raise bad(f"unknown dtype {_short(dtype)}; known: {sorted(_STORED)}")
+    if dtype not in DTYPES:
+        raise bad(f"unknown dtype {_short(dtype)}; known: {sorted(DTYPES)}")
     shape = _check_shape(e["shape"], path, name, limits)
-    numel = _numel(shape)
-    itemsize = _STORED[dtype][1]
-    decoded = numel * itemsize
+    decoded = _numel(shape) * DTYPES[dtype].itemsize
     _check_size(decoded, f"declared shape {list(shape)} of {dtype}", path, name, limits)
 
     if raw:
@@ -172,8 +169,20 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
             raise bad("'raw_reason' must be a string")
         return _Spec(name, shard, sha, True, dtype, shape, decoded), decoded
 
-    if dtype not in _FLOAT_NAMES:
+    if dtype not in FLOAT_NAMES:
         raise bad(f"a compressed tensor must have a float dtype, got {_short(dtype)}")
+    n_points = _check_layout(e, shape, bad)
+    n_codes, bits = _check_codes(e, limits, bad, path, name)
+    _check_geometry(e, bad)
+    packed = qp.packed_nbytes(n_points, bits)
+    _check_size(packed, "packed index stream", path, name, limits)
+    spec = _Spec(name, shard, sha, False, dtype, (packed,), packed, n_points, bits, n_codes)
+    return spec, decoded
+
+
+def _check_layout(e: dict, shape: tuple[int, ...], bad: Callable[[str], ManifestError]) -> int:
+    """Layout, pad and the number of points must agree with the shape; returns the points."""
+    numel = _numel(shape)
     layout = e["layout"]
     pad = e["pad"]
     if layout == qp.LAYOUT_ROWS:
@@ -192,6 +201,12 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
     if not _is_int(n_points) or n_points != want_points:
         raise bad(f"n_points={_short(n_points)} does not match shape {list(shape)} in layout {_short(layout)} "
                   f"(expected {want_points})")
+    return n_points
+
+
+def _check_codes(e: dict, limits: LoadLimits, bad: Callable[[str], ManifestError], path: str,
+                 name: str) -> tuple[int, int]:
+    """U, K within the loader's caps and bits consistent with them; returns (U*(K+1), bits)."""
     U, K, bits = e["U"], e["K"], e["bits"]
     if not _is_int(U) or U < 1:
         raise bad(f"U must be an integer >= 1, got {_short(U)}")
@@ -208,6 +223,11 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
     max_bits = max(1, (n_codes - 1).bit_length())
     if not _is_int(bits) or not 1 <= bits <= min(32, max_bits):
         raise bad(f"bits={_short(bits)} is inconsistent with U={U}, K={K} (must be 1..{min(32, max_bits)})")
+    return n_codes, bits
+
+
+def _check_geometry(e: dict, bad: Callable[[str], ManifestError]) -> None:
+    """Centroid, radius and box size decode the indices; MAE figures are read as floats."""
     c = e["centroid"]
     if not (isinstance(c, list) and len(c) == 2 and all(_is_finite_num(x) for x in c)):
         raise bad(f"centroid must be two finite numbers, got {_short(c)}")
@@ -219,13 +239,11 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
     for key in ("mae", "abs_error_sum"):  # reported figures: never used to decode, but read as floats
         if not (_is_finite_num(e[key]) and e[key] >= 0):
             raise bad(f"{key!r} must be a finite number >= 0, got {_short(e[key])}")
-    packed = qp.packed_nbytes(n_points, bits)
-    _check_size(packed, "packed index stream", path, name, limits)
-    spec = _Spec(name, shard, sha, False, dtype, (packed,), packed, n_points, bits, n_codes)
-    return spec, decoded
 
 
-def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
+def _check_top(manifest: Any, path: str) -> None:
+    """The manifest's own fields: format and codec versions, required and unknown
+    fields, producer, source and config."""
     if not isinstance(manifest, dict):
         raise ManifestError(f"manifest must be a JSON object, got {type(manifest).__name__}", file=path)
     fmt = manifest.get("format")
@@ -257,6 +275,9 @@ def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
     except ConfigError as exc:
         raise ManifestError(f"config: {exc}", file=path) from None
 
+
+def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
+    _check_top(manifest, path)
     total = _check_files(manifest["extra_files"], path, "extra_files", limits)
     shards = manifest["shards"]
     total += _check_files(shards, path, "shards", limits)

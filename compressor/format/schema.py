@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import quant_primitives as qp
-from ..codec import DTYPE_NAMES, TORCH_TO_NAME, CompressedTensor, RawTensor
+from ..codec import CompressedTensor, RawTensor
+from ..dtypes import DTYPES, NAME_BY_TORCH
 from ..errors import ConfigError, SizeLimitError
 
 log = logging.getLogger(__name__)
@@ -56,26 +57,6 @@ class LoadLimits:
                 raise ConfigError(f"LoadLimits.{f.name} must be an integer >= 0, got {v!r}")
 
 
-# manifest dtype name -> (safetensors code, item size, little-endian numpy dtype of the stored bytes)
-_STORED = {
-    "float32": ("F32", 4, "<f4"),
-    "float16": ("F16", 2, "<f2"),
-    "bfloat16": ("BF16", 2, "<u2"),  # numpy has no bf16: carried as uint16, viewed in torch
-    "float64": ("F64", 8, "<f8"),
-    "int8": ("I8", 1, "i1"),
-    "int16": ("I16", 2, "<i2"),
-    "int32": ("I32", 4, "<i4"),
-    "int64": ("I64", 8, "<i8"),
-    "uint8": ("U8", 1, "u1"),
-    "bool": ("BOOL", 1, "u1"),
-}
-assert set(_STORED) == set(DTYPE_NAMES)
-_FLOAT_NAMES = frozenset({"float32", "float16", "bfloat16", "float64"})
-# every dtype the safetensors spec defines, with its item size (header sanity only)
-_ST_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
-}
 
 # writing checks structure, not the caps: those belong to whoever loads
 _WRITE_LIMITS = LoadLimits(max_manifest_bytes=1 << 62, max_header_bytes=1 << 62, max_tensor_bytes=1 << 62,
@@ -178,7 +159,7 @@ def _stored_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
+            t = t.view(DTYPES["bfloat16"].int_view)
         a = t.numpy()
     else:
         a = np.asarray(t)
@@ -201,7 +182,7 @@ def _as_torch(name: str, t: torch.Tensor | np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(t))
     if not isinstance(t, torch.Tensor):
         raise ConfigError(f"tensor {name!r}: expected a torch.Tensor or numpy array, got {type(t).__name__}")
-    if t.dtype not in TORCH_TO_NAME:
+    if t.dtype not in NAME_BY_TORCH:
         raise ConfigError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in this format")
     # a private contiguous copy: safetensors refuses tensors that share storage
     return t.detach().to("cpu").contiguous().clone()

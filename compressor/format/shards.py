@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from ..codec import TORCH_TO_NAME
+from ..dtypes import DTYPES, NAME_BY_TORCH, SAFETENSORS_ITEMSIZE
 from ..errors import (
     ChecksumError,
     ConfigError,
@@ -35,8 +35,6 @@ from .schema import (
     _HEADER_BYTES_PER_TENSOR,
     _IO_CHUNK,
     _SAFETENSORS_METADATA,
-    _ST_ITEMSIZE,
-    _STORED,
     FORMAT_NAME,
     MANIFEST_NAME,
     SHARD_SUFFIX,
@@ -79,7 +77,7 @@ def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: dict[st
     ``safetensors`` package writes: larger items first, then by name; the header padded
     with spaces to 8 bytes), hashing every byte on its way out. Returns (bytes, sha256)."""
     arrays = {n: _stored_array(t) for n, t in tensors.items()}
-    codes = {n: _STORED[TORCH_TO_NAME[t.dtype]][0] for n, t in tensors.items()}
+    codes = {n: DTYPES[NAME_BY_TORCH[t.dtype]].st_code for n, t in tensors.items()}
     order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
     header: dict[str, Any] = {_SAFETENSORS_METADATA: dict(metadata)}
     pos = 0
@@ -208,46 +206,58 @@ def _parse_shard_header(f, path: str, file_size: int, limits: LoadLimits, fh,
         raise ShardHeaderError(f"duplicate JSON key {_short(key)} in the shard header", file=path)
     if not isinstance(obj, dict):
         raise ShardHeaderError("safetensors header must be a JSON object", file=path)
-    entries: dict[str, _HeaderEntry] = {}
-    for name, rec in obj.items():
-        if name == _SAFETENSORS_METADATA:
-            if not (isinstance(rec, dict) and all(isinstance(v, str) for v in rec.values())):
-                raise ShardHeaderError("__metadata__ must map strings to strings", file=path)
-            continue
-        if not isinstance(rec, dict) or set(rec) != {"dtype", "shape", "data_offsets"}:
-            raise ShardHeaderError("header entry must hold exactly dtype, shape, data_offsets", file=path, tensor=name)
-        dt, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
-        if dt not in _ST_ITEMSIZE:
-            raise ShardHeaderError(f"unknown safetensors dtype {_short(dt)}", file=path, tensor=name)
-        if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(_is_int(d) and d >= 0 for d in shape)):
-            raise ShardHeaderError(f"invalid shape {_short(shape)}", file=path, tensor=name)
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
-                and offs[0] <= offs[1]):
-            raise ShardHeaderError(f"invalid data_offsets {_short(offs)}", file=path, tensor=name)
-        if offs[1] - offs[0] != _numel(shape) * _ST_ITEMSIZE[dt]:
-            raise ShardHeaderError(f"data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} of "
-                                   f"{dt} needs {_numel(shape) * _ST_ITEMSIZE[dt]}", file=path, tensor=name)
-        entries[name] = _HeaderEntry(dt, tuple(shape), offs[0], offs[1])
-    # the data must tile the buffer exactly: no overlap, no gap, nothing after it
+    entries = {name: _header_entry(name, rec, path, limits) for name, rec in obj.items()
+               if not _is_metadata(name, rec, path)}
+    _check_tiling(entries, 8 + n, file_size, path)
+    return 8 + n, entries
+
+
+def _is_metadata(name: str, rec: Any, path: str) -> bool:
+    if name != _SAFETENSORS_METADATA:
+        return False
+    if not (isinstance(rec, dict) and all(isinstance(v, str) for v in rec.values())):
+        raise ShardHeaderError("__metadata__ must map strings to strings", file=path)
+    return True
+
+
+def _header_entry(name: str, rec: Any, path: str, limits: LoadLimits) -> _HeaderEntry:
+    """One tensor's header record: a known dtype, a shape and offsets that agree."""
+    if not isinstance(rec, dict) or set(rec) != {"dtype", "shape", "data_offsets"}:
+        raise ShardHeaderError("header entry must hold exactly dtype, shape, data_offsets", file=path, tensor=name)
+    dt, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
+    if dt not in SAFETENSORS_ITEMSIZE:
+        raise ShardHeaderError(f"unknown safetensors dtype {_short(dt)}", file=path, tensor=name)
+    if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(_is_int(d) and d >= 0 for d in shape)):
+        raise ShardHeaderError(f"invalid shape {_short(shape)}", file=path, tensor=name)
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
+            and offs[0] <= offs[1]):
+        raise ShardHeaderError(f"invalid data_offsets {_short(offs)}", file=path, tensor=name)
+    need = _numel(shape) * SAFETENSORS_ITEMSIZE[dt]
+    if offs[1] - offs[0] != need:
+        raise ShardHeaderError(f"data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} of "
+                               f"{dt} needs {need}", file=path, tensor=name)
+    return _HeaderEntry(dt, tuple(shape), offs[0], offs[1])
+
+
+def _check_tiling(entries: Mapping[str, _HeaderEntry], data_start: int, file_size: int, path: str) -> None:
+    """The data must tile the buffer exactly: no overlap, no gap, nothing after it."""
     pos = 0
     for name, ent in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if ent.begin != pos:
             raise ShardHeaderError(f"tensor data starts at {ent.begin}, expected {pos} "
                                    "(overlapping or non-contiguous offsets)", file=path, tensor=name)
         pos = ent.end
-    data_start = 8 + n
     available = file_size - data_start
     if pos > available:
         raise TruncatedDataError(f"tensor data needs {pos} bytes, the file holds {available} after the header",
                                  file=path)
     if pos < available:
         raise TruncatedDataError(f"{available - pos} trailing bytes after the tensor data", file=path)
-    return data_start, entries
 
 
 def _compare(spec: _Spec, ent: _HeaderEntry, path: str) -> None:
     if spec.raw:
-        want = _STORED[spec.dtype][0]
+        want = DTYPES[spec.dtype].st_code
         if ent.dtype != want:
             raise DTypeMismatchError(f"stored dtype {ent.dtype}, the manifest declares {spec.dtype} ({want})",
                                      file=path, tensor=spec.name)
@@ -264,15 +274,13 @@ def _compare(spec: _Spec, ent: _HeaderEntry, path: str) -> None:
 
 
 def _to_tensor(spec: _Spec, buf: np.ndarray, path: str) -> torch.Tensor:
-    np_dtype = np.dtype(_STORED[spec.dtype][2])
+    np_dtype = np.dtype(DTYPES[spec.dtype].stored_np)
     if spec.dtype == "bool" and buf.size and int(buf.max()) > 1:
         raise DTypeMismatchError("bool tensor holds bytes other than 0 and 1", file=path, tensor=spec.name)
     arr = buf.view(np_dtype).reshape(spec.shape)
     t = torch.from_numpy(arr)
-    if spec.dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    elif spec.dtype == "bool":
-        t = t.view(torch.bool)
+    if spec.dtype in ("bfloat16", "bool"):  # stored as the bytes of another numpy dtype
+        t = t.view(DTYPES[spec.dtype].torch)
     return t
 
 

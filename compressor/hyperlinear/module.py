@@ -12,8 +12,9 @@ from torch import nn
 
 from .. import quant_primitives as qp
 from ..backends import Backend
-from ..codec import DTYPE_NAMES, CompressedTensor, RawTensor, compress_tensor, dtype_name
+from ..codec import CompressedTensor, RawTensor, compress_tensor
 from ..config import HyperCompressionConfig
+from ..dtypes import TORCH_BY_NAME, dtype_name
 from ..errors import BackendUnavailableError, IndexRangeError
 from .cpu import _NO_BIAS, _cpu_decode, _cpu_fused, _cpu_path, _cpu_workspace
 from .cuda import _bits_f64, _cuda_forward, _CudaArgs, _f64_bits, _stamp
@@ -63,7 +64,7 @@ class HyperLinear(nn.Module):
         self.register_buffer("theta", torch.zeros(self.out_features, pairs, dtype=index_dtype(self.n_codes),
                                                   device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=DTYPE_NAMES[wd], device=device),
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=TORCH_BY_NAME[wd], device=device),
                                      requires_grad=False)
         else:
             self.register_parameter("bias", None)
@@ -83,7 +84,7 @@ class HyperLinear(nn.Module):
             raise HyperLinearError(f"{self.name}: invalid codec constants U={U} K={K} dtype code={vals[7]}")
         self.U, self.K = U, K
         self.cx, self.cy, self.radius, self.box_size = (_bits_f64(v) for v in vals[3:7])
-        self.weight_dtype = DTYPE_NAMES[_CODE_DTYPES[vals[7]]]
+        self.weight_dtype = TORCH_BY_NAME[_CODE_DTYPES[vals[7]]]
         self._luts = {}
 
     @property

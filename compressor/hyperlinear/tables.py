@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..dtypes import DTYPES, FLOAT_NAMES, FLOAT_TORCH
 from ..errors import BirkhoffError
 
 log = logging.getLogger(__name__)
@@ -18,12 +19,13 @@ CUDA_FUSED_MAX_TOKENS = 16  # the fused kernel's per-thread accumulators (numba_
 CPU_FUSED_MAX_TOKENS = 32
 UINT16_CODES = 1 << 16
 
+# the weight dtype's code in the module's stored meta buffer: fixed numbers, not the
+# dtype table's order, so that a saved HyperLinear keeps its meaning
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_COMPUTE_DTYPES = FLOAT_TORCH
 # same-width integer views: the decode kernels move bit patterns
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
+_INT_VIEW = {DTYPES[n].torch: DTYPES[n].int_view for n in FLOAT_NAMES}
 # twice-as-wide integer views: the CUDA pair decode stores both weights of an index at once
 _PAIR_VIEW = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
 

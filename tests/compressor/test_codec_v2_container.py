@@ -14,7 +14,7 @@ import torch
 from compressor.codec_v2 import CodecV2Config, V2Tensor, encode_tensor
 from compressor.codec_v2 import lattice as L
 from compressor.codec_v2 import symbols as sy
-from compressor.codec_v2.container import MAGIC, arrays_crc, pack_parts
+from compressor.codec_v2.layout import MAGIC, arrays_crc, pack_parts
 from compressor.errors import (ChecksumError, EntropyStreamError, FormatError, IndexRangeError, ManifestError,
                                NonFiniteTensorError, ScaleError, SizeLimitError, SymbolModelError,
                                TruncatedDataError, UnknownFormatError)

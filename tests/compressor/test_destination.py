@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from compressor import destination as dest
+from compressor import temp_names
 from compressor.checkpoint import CompressedCheckpoint, check_destination, compress, replaceable_checkpoint
 from compressor.cli import main
 from compressor.config import HyperCompressionConfig
@@ -265,7 +266,7 @@ def _dead_owner_name(final: str) -> str:
     """A temporary name whose owner was a process of this host that has exited."""
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait(timeout=60)
-    return f".{final}.tmp-{dest._HOST}{dest._BOOT}-{p.pid}-0-0badc0de"
+    return f".{final}.tmp-{temp_names._HOST}{temp_names._BOOT}-{p.pid}-0-0badc0de"
 
 
 def test_stale_temporaries_are_removed_live_ones_kept(work):
@@ -286,7 +287,7 @@ def test_stale_temporaries_are_removed_live_ones_kept(work):
     legacy = tmp / ".c3.tmp-0123abcd"
     legacy.mkdir()
     assert dest.clean_stale_temps(tmp, "c3") == []
-    old = time.time() - dest.LEGACY_STALE_SECONDS - 60
+    old = time.time() - temp_names.LEGACY_STALE_SECONDS - 60
     os.utime(legacy, (old, old))
     assert dest.clean_stale_temps(tmp, "c3") == [str(legacy)]
     legacy_old = tmp / ".c3.old-89abcdef"  # an older build's replaced checkpoint
