@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster; must answer within 60 s (default: RAY_ADDRESS, else a private local Ray on "
                         "127.0.0.1, whatever other Ray clusters on the machine recorded)")
     p.add_argument("--cache-dir", default=None, help="node-local cache for downloaded and demo sources")
-    p.add_argument("--eval", dest="eval_mode", choices=["new", "all", "none"], default="new",
-                   help="evaluate models on their zoo datasets after compression: the newly compressed ones "
-                        "(default), all of them (nightly: skipped ones too), or none")
+    p.add_argument("--eval", dest="eval_mode", choices=["new", "all", "none"], default="all",
+                   help="evaluate models whose zoo entry lists datasets: all of them, skipped ones too, so that "
+                        "every night's model run holds its figures (default), only the newly compressed ones, "
+                        "or none")
     p.add_argument("--git-commit", default=None, help="recorded in MLflow (default: git rev-parse HEAD)")
     p.add_argument("--summary-json", default=None, help="also write the summary to this file")
     p.add_argument("--log-level", default=os.environ.get("BIRKHOFF_LOG_LEVEL", "INFO"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -71,7 +72,7 @@ class RunOptions:
     git_commit: str = "unknown"
     # evaluate after compressing: "new" (models compressed in this run), "all"
     # (also the skipped ones: the nightly check), "none"
-    eval_mode: str = "new"
+    eval_mode: str = "all"
     # the commit lease's time (renewed while held), the age after which unreferenced
     # objects are a dead run's orphans, and after which a temporary or multipart
     # upload is a dead writer's (compress_all.py checks the environment values)
@@ -124,17 +125,39 @@ def checkpoint_prefix(model: str, source_hash: str, config) -> str:
 
 
 def git_commit(default: str = "unknown") -> str:
+    """The commit of the code that runs: ``BIRKHOFF_GIT_COMMIT``, else ``git rev-parse HEAD``
+    in the checkout, else the checkout's ``.git/HEAD`` and refs read directly (a Ray job's
+    working dir is a copy of the checkout without git history: ``infra/runtime_env.yaml``
+    ships exactly those files)."""
     env = os.environ.get("BIRKHOFF_GIT_COMMIT")
     if env:
         return env
+    root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return default
+    return _head_from_files(root / ".git") or default
+
+
+def _head_from_files(git_dir: Path) -> str | None:
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", head) else None
+        ref = head[len("ref: "):]
+        loose = git_dir / ref
+        if loose.is_file():
+            return loose.read_text().strip()
+        for line in (git_dir / "packed-refs").read_text().splitlines():
+            sha, _, name = line.partition(" ")
+            if name == ref:
+                return sha
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 # -- one model --------------------------------------------------------------------------
@@ -174,22 +197,7 @@ class ModelRun:
         self.prefix = prefix
         self.source_hash = source_hash  # the commit key; every task checks its source against it
         uri = store.url(prefix)
-        params = {
-            "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
-            "source_kind": src.kind, "config": spec.config.to_dict(), "config_hash": spec.config.config_hash(),
-            "codec_version": CODEC_VERSION, "format_version": fmt.FORMAT_VERSION, "git_commit": self.opts.git_commit,
-            "checkpoint_uri": uri, "eval_datasets": list(spec.eval),
-        }
-        from eval_jobs.provenance import RANDOM_INIT_NOTE, provenance_tags, weights_kind
-
-        weights = weights_kind(local)  # trained / random-init / unknown: tagged, so figures are read right
-        if weights == "random-init":
-            log.warning("%s: %s", spec.name, RANDOM_INIT_NOTE)
-        if self.tracker and self.child_run:
-            self.tracker.log_params(self.child_run, params)
-            self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **provenance_tags(weights),
-                                                   **spec.tags})
-
+        params = self._track_start(src, local, source_hash, uri)
         seen = commits.inspect_checkpoint(store, prefix)
         if seen.complete and not self.opts.force:
             log.info("%s: skipped, already committed at %s (%d files verified)", spec.name, uri,
@@ -213,6 +221,29 @@ class ModelRun:
                      redact(exc))
             return self._skipped(now, src)
 
+    def _track_start(self, src, local: str, source_hash: str, uri: str) -> dict:
+        """The model run's parameters and tags (returned: the manifest records them too)."""
+        from eval_jobs.provenance import RANDOM_INIT_NOTE, provenance_tags, weights_kind
+
+        spec = self.spec
+        params = {
+            "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
+            "source_kind": src.kind, "config": spec.config.to_dict(), "config_hash": spec.config.config_hash(),
+            "codec_version": CODEC_VERSION, "format_version": fmt.FORMAT_VERSION, "git_commit": self.opts.git_commit,
+            "checkpoint_uri": uri, "eval_datasets": list(spec.eval),
+        }
+        weights = weights_kind(local)  # trained / random-init / unknown: tagged, so figures are read right
+        if weights == "random-init":
+            log.warning("%s: %s", spec.name, RANDOM_INIT_NOTE)
+        if self.tracker and self.child_run:
+            self.tracker.log_params(self.child_run, params)
+            # stable tags, the same night after night: the UI's compare view and charts line up on them
+            stable = {"model": spec.name, "source_sha": source_hash, "config_hash": spec.config.config_hash(),
+                      "codec": f"hypercompression-v{CODEC_VERSION}", "git_commit": self.opts.git_commit}
+            self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **provenance_tags(weights),
+                                                   **stable, **spec.tags})
+        return params
+
     def _committed_meanwhile(self) -> "commits.CheckpointState | None":
         """After a failure: the complete checkpoint a concurrent run committed while this
         one worked (its cleanup may have removed this run's unreferenced shards)."""
@@ -224,6 +255,8 @@ class ModelRun:
 
     def _skipped(self, state: "commits.CheckpointState", src) -> ModelOutcome:
         metrics = _manifest_metrics(state.manifest, src.weight_bytes, state.manifest_bytes)
+        # this night's codec time: none (a night's row in MLflow still has every column)
+        metrics["compress_seconds"] = 0.0
         return ModelOutcome(self.spec.name, "skipped", self.store.url(self.prefix), metrics)
 
     def _collect_garbage(self, state: "commits.CheckpointState") -> None:
@@ -420,5 +453,7 @@ def _manifest_metrics(manifest: dict, source_bytes: int, manifest_bytes: int) ->
         "ratio": size_ratio(source_bytes, stored),
         "original_bytes": source_bytes,
         "compressed_bytes": stored,
+        # every stored byte (raw tensors, extras, manifest) per parameter
+        "bits_per_weight": 8.0 * stored / counts["params"] if counts["params"] else None,
         **{k: counts[k] for k in ("mae", "params", "compressed_tensors", "raw_tensors")},
     }

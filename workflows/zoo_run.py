@@ -15,6 +15,7 @@ from compressor.codec import CODEC_VERSION
 
 from .cluster import connect_ray, wait_for_warm_workers
 from .driver import ModelOutcome, ModelRun, RunOptions
+from . import zoo_tracking as zt
 from .redaction import redact, redact_uri
 from .zoo import ModelSpec, Zoo
 
@@ -29,9 +30,11 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
     parent = None
     if tracker:
         tracker.mark_stale_runs()
-        parent = tracker.start_parent(f"zoo:{zoo.name}", dict(zoo_params or {}, models=[m.name for m in models],
-                                                               git_commit=opts.git_commit,
-                                                               codec_version=CODEC_VERSION))
+        parent = tracker.start_parent(
+            zt.parent_run_name(zoo.name),
+            dict(zoo_params or {}, **zt.zoo_provenance(zoo.path), models=[m.name for m in models],
+                 git_commit=opts.git_commit, codec_version=CODEC_VERSION),
+            tags={"birkhoff.zoo": zoo.name, "git_commit": opts.git_commit})
     connect_ray(ray_address, opts.workers, opts.cpus_per_task)
     wait_for_warm_workers()
     from .redaction import protect_handlers
@@ -41,42 +44,46 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
     try:
         for i, spec in enumerate(models, 1):
             log.info("[%d/%d] %s: source %s", i, len(models), spec.name, redact_uri(spec.source))
-            child = tracker.start_child(parent, spec.name) if tracker else None
-            t0 = time.perf_counter()
-            try:
-                mrun = ModelRun(spec, opts, tracker, child, parent)
-                out = mrun.run()
-            except Exception as exc:  # one model's failure must not stop the zoo
-                err = f"{type(exc).__name__}: {redact(exc)}"
-                log.error("%s: FAILED after %.1f s: %s", spec.name, time.perf_counter() - t0, err)
-                log.debug("%s traceback:\n%s", spec.name, redact(traceback.format_exc()))
-                out = ModelOutcome(spec.name, "failed", error=err)
-                if tracker:
-                    _log_failure(tracker, child, err, traceback.format_exc())
-            else:
-                log.info("%s: %s in %.1f s%s", spec.name, out.status, time.perf_counter() - t0,
-                         f" (ratio {out.metrics['ratio']:.3f}x, MAE {out.metrics['mae']:.3g})"
-                         if out.metrics else "")
-                if tracker:
-                    _log_success(tracker, child, out)
-                if spec.eval and (opts.eval_mode == "all"
-                                  or (opts.eval_mode == "new" and out.status in ("compressed", "repaired"))):
-                    _evaluate(zoo, spec, mrun, out, opts, tracker, child)
-            out.run_id = child
-            outcomes.append(out)
+            outcomes.append(_run_model(zoo, spec, opts, tracker, parent))
             if tracker:
                 tracker.heartbeat(parent, every=0)
         status = "FINISHED" if all(o.status != "failed" and not o.eval_error for o in outcomes) else "FAILED"
     finally:
         if tracker:
             try:
-                counts = {s: sum(1 for o in outcomes if o.status == s)
-                          for s in ("compressed", "repaired", "skipped", "failed")}
-                tracker.log_metrics(parent, {f"models_{k}": v for k, v in counts.items()})
+                tracker.log_metrics(parent, zt.parent_metrics(outcomes))
+                tracker.client.log_table(parent, data=zt.summary_table(outcomes), artifact_file="models.json")
                 tracker.finish(parent, status)
             except Exception as exc:
                 log.warning("could not close the MLflow parent run: %s", redact(exc))
     return outcomes
+
+
+def _run_model(zoo: Zoo, spec: ModelSpec, opts: RunOptions, tracker, parent: str | None) -> ModelOutcome:
+    """Compress and commit one model, evaluate it when the zoo and ``--eval`` say so, and
+    log it all on the model's one run."""
+    child = tracker.start_child(parent, spec.name) if tracker else None
+    t0 = time.perf_counter()
+    try:
+        mrun = ModelRun(spec, opts, tracker, child, parent)
+        out = mrun.run()
+    except Exception as exc:  # one model's failure must not stop the zoo
+        err = f"{type(exc).__name__}: {redact(exc)}"
+        log.error("%s: FAILED after %.1f s: %s", spec.name, time.perf_counter() - t0, err)
+        log.debug("%s traceback:\n%s", spec.name, redact(traceback.format_exc()))
+        out = ModelOutcome(spec.name, "failed", error=err)
+        if tracker:
+            _log_failure(tracker, child, err, traceback.format_exc())
+    else:
+        log.info("%s: %s in %.1f s%s", spec.name, out.status, time.perf_counter() - t0,
+                 f" (ratio {out.metrics['ratio']:.3f}x, MAE {out.metrics['mae']:.3g})" if out.metrics else "")
+        if spec.eval and (opts.eval_mode == "all"
+                          or (opts.eval_mode == "new" and out.status in ("compressed", "repaired"))):
+            _evaluate(zoo, spec, mrun, out, opts, tracker, child)
+        if tracker:
+            _log_success(tracker, child, out)
+    out.run_id = child
+    return out
 
 
 def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, opts: RunOptions, tracker,
@@ -131,7 +138,7 @@ def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", opts: RunO
 
 def _log_success(tracker, child: str, out: ModelOutcome) -> None:
     try:
-        tracker.log_metrics(child, out.metrics)
+        tracker.log_metrics(child, zt.model_metrics(out))
         tracker.set_tags(child, {"birkhoff.status": out.status, "birkhoff.checkpoint_uri": out.checkpoint_uri})
         tracker.finish(child, "FINISHED")
     except Exception as exc:  # the checkpoint is committed; bookkeeping must not fail the model

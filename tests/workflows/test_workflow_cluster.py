@@ -185,6 +185,34 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(accept, mlflow_serve
     skipped = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
     assert sorted(r.data.tags["mlflow.runName"] for r in skipped) == sorted(GOOD)
     assert all(r.data.tags["birkhoff.status"] == "skipped" for r in skipped)
+    _runs_line_up_night_after_night(c, parents, first_parent, second_parent, children, skipped)
+
+
+def _runs_line_up_night_after_night(c, parents, first_parent, second_parent, children, skipped):
+    """Issue 13: one run per model per night holds the compression and the evaluation
+    figures together, under stable names and tags; parents are dated and hold a table."""
+    import re
+
+    names = [p.data.tags["mlflow.runName"] for p in parents]
+    assert len(set(names)) == 2 and all(re.fullmatch(r"demo \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", n) for n in names)
+    for parent in (first_parent, second_parent):
+        pm = parent.data.metrics
+        assert pm["sam-shapes/ratio"] > 2.5 and pm["sam-shapes/fidelity_miou/coco-val-mini/box"] >= 0.9, pm
+        assert "models.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+        assert parent.data.params["zoo_sha256"] and not parent.data.params["zoo_file"].startswith("/tmp")
+    later = {r.data.tags["mlflow.runName"]: r for r in skipped}
+    for name in GOOD:
+        first, second = children[name], later[name]
+        for run in (first, second):
+            m, t = run.data.metrics, run.data.tags
+            assert {"ratio", "bits_per_weight", "compress_seconds", "mae"} <= set(m), (name, m)
+            if name.startswith("sam"):  # evaluated every night, skipped or not: on the model's own run
+                assert m["fidelity_miou/coco-val-mini/box"] >= 0.9 and "miou_drop/sa1b-mini/box" in m, m
+            assert t["model"] == name and t["git_commit"] == "0123abc" and t["codec"].startswith("hypercompression")
+        for tag in ("source_sha", "config_hash", "codec"):  # the same night after night
+            assert first.data.tags[tag] == second.data.tags[tag]
+        assert first.data.metrics["ratio"] == second.data.metrics["ratio"]
+        assert "tensor_report.json" in {a.path for a in c.list_artifacts(first.info.run_id)}
 
 
 def test_rerun_writes_nothing_and_skips_everything(accept):
