@@ -70,13 +70,19 @@ def stored_nbytes(entry: TensorEntry) -> int:
 
 
 def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_meta: Mapping[str, dict],
-                   shard_records: Iterable[dict], extra_files: Mapping[str, dict]) -> dict:
+                   shard_records: Iterable[dict], extra_files: Mapping[str, dict],
+                   committed_at: str | None = None) -> dict:
+    """``committed_at``: the commit's UTC time (ISO 8601), recorded by a store commit
+    in the producer block (readers of this format version accept the extra key)."""
     from . import __version__
 
+    producer = {"name": "birkhoff", "version": __version__}
+    if committed_at is not None:
+        producer["committed_at"] = committed_at
     return {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
-        "producer": {"name": "birkhoff", "version": __version__},
+        "producer": producer,
         "codec_version": CODEC_VERSION,
         "config": config.to_dict(),
         "source": dict(source_info),
@@ -146,7 +152,7 @@ class CheckpointWriter:
         self.tensor_meta.update(tensor_meta)
 
     def finish(self, config: HyperCompressionConfig, source_info: dict, extra_files: Mapping[str, "Path | bytes"],
-               tensor_order: Iterable[str]) -> tuple[dict, Any]:
+               tensor_order: Iterable[str], committed_at: str | None = None) -> tuple[dict, Any]:
         """Write the extra files and the manifest (tensors in ``tensor_order``, every
         one of which must be in a shard by now) and commit through the sink.
         Returns the manifest and what the sink's commit returned."""
@@ -155,6 +161,6 @@ class CheckpointWriter:
         self._finished = True
         meta = {n: self.tensor_meta[n] for n in tensor_order}
         extras = write_extra_files(self.staging, extra_files, {n: m["shard"] for n, m in meta.items()})
-        manifest = build_manifest(config, source_info, meta, self.records.values(), extras)
+        manifest = build_manifest(config, source_info, meta, self.records.values(), extras, committed_at)
         fmt.write_manifest(self.staging, manifest)
         return manifest, self.sink.commit(self.staging, manifest)

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     from workflows import redaction
 
     redaction.install(args.log_level)
-    from workflows.driver import DEFAULT_MAX_UNIT_SOURCE_BYTES, RunOptions, git_commit
+    from workflows.driver import DEFAULT_MAX_UNIT_SOURCE_BYTES, RunOptions
+    from workflows.git_commit import git_commit
     from workflows.zoo_run import run_zoo
 
     runs = _runs_dir()

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from compressor import format as fmt
 from compressor.codec import CODEC_VERSION
@@ -124,42 +121,6 @@ def checkpoint_prefix(model: str, source_hash: str, config) -> str:
     return f"{model}/{source_hash[:16]}/{config.config_hash()}-codec{CODEC_VERSION}/"
 
 
-def git_commit(default: str = "unknown") -> str:
-    """The commit of the code that runs: ``BIRKHOFF_GIT_COMMIT``, else ``git rev-parse HEAD``
-    in the checkout, else the checkout's ``.git/HEAD`` and refs read directly (a Ray job's
-    working dir is a copy of the checkout without git history: ``infra/runtime_env.yaml``
-    ships exactly those files)."""
-    env = os.environ.get("BIRKHOFF_GIT_COMMIT")
-    if env:
-        return env
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return _head_from_files(root / ".git") or default
-
-
-def _head_from_files(git_dir: Path) -> str | None:
-    try:
-        head = (git_dir / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", head) else None
-        ref = head[len("ref: "):]
-        loose = git_dir / ref
-        if loose.is_file():
-            return loose.read_text().strip()
-        for line in (git_dir / "packed-refs").read_text().splitlines():
-            sha, _, name = line.partition(" ")
-            if name == ref:
-                return sha
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 # -- one model --------------------------------------------------------------------------
 
 class ModelRun:
@@ -177,6 +138,26 @@ class ModelRun:
             self.tracker.heartbeat(self.parent_run)
 
     def run(self) -> ModelOutcome:
+        """Compress and commit the model (or skip or repair it), then point the store's
+        ``latest`` pointer and zoo index at its checkpoint."""
+        out = self._run()
+        if out.status in ("compressed", "repaired", "skipped"):
+            self._point_latest(out)
+        return out
+
+    def _point_latest(self, out: ModelOutcome) -> None:
+        from . import pointers
+
+        try:
+            raw = commits.read_manifest_bytes(self.store, self.prefix)
+            manifest = fmt.parse_manifest(raw, self.store.url(self.prefix + commits.MANIFEST))
+            pointers.publish(self.store, pointers.entry_for(
+                self.store, self.spec.name, self.prefix, manifest, raw,
+                config_hash=self.spec.config.config_hash(), ratio=out.metrics.get("ratio")))
+        except Exception as exc:  # the checkpoint is committed: a stale pointer is reported, not fatal
+            log.warning("%s: the latest pointer and zoo index were not updated: %s", self.spec.name, redact(exc))
+
+    def _run(self) -> ModelOutcome:
         from compressor.sources import open_source
 
         spec, store = self.spec, self.store
@@ -406,7 +387,7 @@ class ModelRun:
             for s in shards:
                 writer.add_shard(results[s.index].record.to_dict(), results[s.index].tensor_meta)
             manifest, done = writer.finish(spec.config, source_info, {f.name: f for f in src.extra_files},
-                                           [i.name for i in index])
+                                           [i.name for i in index], committed_at=_utc_now())
         uri = store.url(prefix)
         if done.status == "lost":
             log.info("%s: a concurrent run committed %s first; its checkpoint stands, this run's extra objects "
@@ -431,6 +412,12 @@ class ModelRun:
             except Exception as exc:  # the checkpoint is committed: a bookkeeping error must not fail it
                 log.warning("%s: MLflow artifacts not logged: %s", spec.name, redact(exc))
         return ModelOutcome(spec.name, "repaired" if repaired else "compressed", uri, metrics, shards=shard_stats)
+
+
+def _utc_now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> ShardResult:

@@ -348,3 +348,60 @@ def test_a_commit_replaces_an_unreadable_manifest(store, tmp_path, plans):
     done = commit_checkpoint(store, p, d, m, seen=seen, force=False, owned=owned)
     assert done.status == "replaced" and inspect_checkpoint(store, p).manifest == m
     _loads(store, p, tmp_path / "fetched")
+
+
+# -- the latest pointer and the zoo index (issue 13) --------------------------------------
+
+def _entry(model: str, when: str, prefix: str | None = None) -> dict:
+    return {"model": model, "uri": f"s3://b/zoo/{prefix or model}/", "prefix": f"{prefix or model}/",
+            "manifest_sha256": "0" * 64, "committed_at": when, "source_sha256": "1" * 64, "config_hash": "c",
+            "ratio": 3.0}
+
+
+def test_latest_pointer_and_index_move_forward_only_and_write_nothing_when_right(store):
+    from workflows import pointers
+
+    first = _entry("sam-b", "2026-12-01T02:00:00.000Z", "sam-b/v1")
+    assert pointers.publish(store, first)
+    assert pointers.read_latest(store, "sam-b")["prefix"] == "sam-b/v1/"
+    etags = (store.head("sam-b/latest.json").etag, store.head("index.json").etag)
+    assert not pointers.publish(store, first)  # a night on which nothing changed writes nothing
+    assert (store.head("sam-b/latest.json").etag, store.head("index.json").etag) == etags
+    newer = _entry("sam-b", "2026-12-02T02:00:00.000Z", "sam-b/v2")
+    assert pointers.publish(store, newer)
+    assert not pointers.publish(store, first)  # a late writer of an older commit does not move it back
+    assert pointers.read_latest(store, "sam-b")["prefix"] == "sam-b/v2/"
+    index = json.loads(store.get_bytes("index.json"))
+    assert index["format"] == "birkhoff-zoo-index" and index["models"]["sam-b"]["prefix"] == "sam-b/v2/"
+
+
+def test_concurrent_publishers_never_lose_an_index_entry(store):
+    """Each model's driver updates the one index by compare-and-swap: none is lost."""
+    from workflows import pointers
+
+    errors = []
+
+    def publish(i: int) -> None:
+        try:
+            pointers.publish(store, _entry(f"m{i}", f"2026-12-02T02:00:0{i}.000Z"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(json.loads(store.get_bytes("index.json"))["models"]) == [f"m{i}" for i in range(6)]
+
+
+def test_a_missing_or_foreign_pointer_is_a_typed_error(store):
+    from workflows import pointers
+    from workflows.errors import StoreError
+
+    with pytest.raises(StoreError, match="no latest pointer"):
+        pointers.read_latest(store, "nothing")
+    store.put_bytes("odd/latest.json", b'{"format": "something-else"}')
+    with pytest.raises(StoreError, match="not a birkhoff-latest v1 pointer"):
+        pointers.read_latest(store, "odd")

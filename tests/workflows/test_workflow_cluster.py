@@ -75,7 +75,7 @@ def accept(tmp_path_factory, ray_head, seaweed, mlflow_server, s3_creds):
     second = ray_head.submit(args + ["--summary-json", str(d / "run2.json"), "--only", *GOOD], timeout=600)
     after = _objects(seaweed.client(), BUCKET)
     return {"dir": d, "first": first, "second": second, "before": before, "after": after, "zoo": zoo,
-            "first_seconds": first_s}
+            "first_seconds": first_s, "endpoint": seaweed.endpoint}
 
 
 def test_demo_zoo_lands_in_s3_and_bad_source_fails_alone(accept):
@@ -94,6 +94,18 @@ def test_demo_zoo_lands_in_s3_and_bad_source_fails_alone(accept):
         assert len(manifests) == 1
     assert not [k for k in keys if "/_work/" in k], "resume records must be gone after commit"
     assert not [k for k in keys if k.startswith("zoo/broken/")]
+    # "the latest sam-shapes": a pointer per model and the zoo index, at the committed checkpoint
+    client = S3Store(f"s3://{BUCKET}/zoo", endpoint_url=accept["endpoint"])
+    index = json.loads(client.get_bytes("index.json"))["models"]
+    assert sorted(index) == sorted(GOOD)
+    for name in GOOD:
+        latest = json.loads(client.get_bytes(f"{name}/latest.json"))
+        assert latest == {"format": "birkhoff-latest", "version": 1, **index[name]}
+        assert latest["uri"] == models[name]["checkpoint_uri"] and latest["ratio"] > 2.5
+        raw = client.get_bytes(latest["prefix"] + "manifest.json")
+        assert hashlib.sha256(raw).hexdigest() == latest["manifest_sha256"]
+        assert json.loads(raw)["producer"]["committed_at"] == latest["committed_at"]  # the commit time
+    assert "broken" not in index
     # per-model and per-shard progress in the driver's log
     out = first.stdout
     assert "sam-shapes: shard 1/2 done" in out and "[1/3] all-minilm-l6-v2" in out
