@@ -186,3 +186,47 @@ def _force_keeps_a_readable_checkpoint(ray_head, mlflow_server, zoo_file, uri, e
     # the superseded plan's shards stay until they are old orphans (a reader may be fetching them)
     _check_committed(store, tmp_path / "fetched-forced", superseded=set(plan_before))
     assert sorted(inspect_checkpoint(store, prefix).manifest["shards"]) != plan_before
+
+
+def test_a_forced_run_killed_at_a_random_point_leaves_a_readable_checkpoint(ray_head, seaweed, mlflow_server,
+                                                                            zoo_file, tmp_path):
+    """Issue 13's acceptance: while a ``--force`` run recompresses a committed model and its
+    driver is SIGKILLed at a random moment, a reader polling the store finds a complete,
+    loadable checkpoint every time, and the latest pointer never points elsewhere."""
+    import random
+    import signal
+    import sys
+
+    uri, endpoint = _store_uri("s3", tmp_path, "killed-force", seaweed)
+    first = Driver(ray_head, mlflow_server, zoo_file, uri, endpoint, 1, tmp_path / "first").wait()
+    assert first["status"] == "compressed"
+    store = open_store(uri, endpoint_url=endpoint)
+    prefix = next(k for k in store.list("race/") if k.endswith("/manifest.json"))[: -len("manifest.json")]
+    seed = random.randrange(2**32)
+    delay = random.Random(seed).uniform(1.0, 12.0)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # the session's cluster runs without tokens
+    forced = subprocess.Popen(
+        [sys.executable, str(ROOT / "workflows" / "compress_all.py"), "--zoo", str(zoo_file), "--store", uri,
+         "--s3-endpoint-url", endpoint, "--tracking-uri", mlflow_server.uri, "--experiment", "race", "--eval", "none",
+         "--workers", "2", "--force", "--ray-address", ray_head.gcs],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0, polls, killed = time.monotonic(), 0, None
+    while forced.poll() is None or time.monotonic() - (killed or t0) < 3.0:
+        if killed is None and time.monotonic() - t0 > delay and forced.poll() is None:
+            os.killpg(forced.pid, signal.SIGKILL)
+            killed = time.monotonic()
+        state = inspect_checkpoint(store, prefix)
+        if not state.complete:  # replaced between reading the manifest and checking its files
+            again = inspect_checkpoint(store, prefix)
+            assert again.complete, (seed, delay, state.problems)
+        latest = json.loads(store.get_bytes("race/latest.json"))
+        assert latest["prefix"] == prefix, (seed, latest)
+        polls += 1
+        time.sleep(0.2)
+        if killed is None and forced.poll() is not None:
+            break  # it finished before the moment drawn: the polls above still count
+    forced.wait()
+    assert polls > 3, (seed, delay, polls)
+    fetch_checkpoint(store, prefix, tmp_path / "after")  # loads: every checksum and tensor verified
+    print(f"\nforced run {'killed after %.1f s' % delay if killed else 'finished before %.1f s' % delay}, "
+          f"{polls} polls (seed {seed})")
