@@ -35,6 +35,15 @@ def store(request, tmp_path):
     return S3Store(f"s3://{BUCKET}/commit-{uuid.uuid4().hex[:8]}", endpoint_url=seaweed.endpoint)
 
 
+def _in_threads(fn, n: int) -> None:
+    """``fn(0)`` ... ``fn(n - 1)`` at once, each in its own thread."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # -- conditional writes ----------------------------------------------------------------
 
 def test_create_if_absent_and_compare_and_swap(store):
@@ -140,11 +149,7 @@ def test_lease_gives_one_holder_at_a_time(store):
             order.append(i)
             inside.remove(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(work, 4)
     assert sorted(order) == [0, 1, 2, 3] and not overlaps
     assert not store.exists("p/_lease")  # released
 
@@ -387,11 +392,7 @@ def test_concurrent_publishers_never_lose_an_index_entry(store):
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=publish, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(publish, 6)
     assert not errors
     assert sorted(json.loads(store.get_bytes("index.json"))["models"]) == [f"m{i}" for i in range(6)]
 
