@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = fmt.MANIFEST_NAME
 LEASE_NAME = "_commit.lease"
+# a manifest that --force replaced is kept here (``history/<its commit time>.json``), and the
+# files it references stay: old checkpoints are never deleted unless a retention says so
+HISTORY = "history/"
 _MAX_MANIFEST_BYTES = fmt.LoadLimits().max_manifest_bytes
 # unreferenced objects this old are leftovers of runs that died (a live run
 # commits, or checks its objects under the lease first, long before)
@@ -140,10 +143,10 @@ class StoreSink:
 
     def __init__(self, store: Store, prefix: str, *, seen: CheckpointState | None = None, force: bool = False,
                  owned: Iterable[str] = (), lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
-                 orphan_age: float = ORPHAN_AGE_SECONDS):
+                 orphan_age: float = ORPHAN_AGE_SECONDS, keep_replaced: int | None = None):
         self.store, self.prefix = store, prefix
         self.seen, self.force, self.owned = seen, force, tuple(owned)
-        self.lease_seconds, self.orphan_age = lease_seconds, orphan_age
+        self.lease_seconds, self.orphan_age, self.keep_replaced = lease_seconds, orphan_age, keep_replaced
 
     def put_shard(self, path: Path, record: dict) -> None:
         self.store.put_file(self.prefix + record["file"], path, sha256=record["sha256"])
@@ -152,19 +155,22 @@ class StoreSink:
         if self.seen is None:
             raise WorkflowError(f"{self.store.url(self.prefix)}: this sink uploads shards only; it cannot commit")
         return commit_checkpoint(self.store, self.prefix, staged, manifest, seen=self.seen, force=self.force,
-                                 owned=self.owned, lease_seconds=self.lease_seconds, orphan_age=self.orphan_age)
+                                 owned=self.owned, lease_seconds=self.lease_seconds, orphan_age=self.orphan_age,
+                                 keep_replaced=self.keep_replaced)
 
 
 def commit_checkpoint(store: Store, prefix: str, staged: Path, manifest: dict, *, seen: CheckpointState,
                       force: bool, owned: Iterable[str], lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
-                      orphan_age: float = ORPHAN_AGE_SECONDS) -> CommitOutcome:
+                      orphan_age: float = ORPHAN_AGE_SECONDS, keep_replaced: int | None = None) -> CommitOutcome:
     """Commit ``manifest`` (written in ``staged`` with the architecture files it lists)
     under ``prefix``, whose shards this run uploaded already; then clean up.
 
     ``seen``: the state inspected when the run started (``--force`` replaces a
     complete checkpoint only if it is still that version). ``owned``: keys this run
     wrote or resumed (its shards and resume records): what its cleanup may remove
-    once the committed manifest does not reference them."""
+    once the committed manifest does not reference them. A complete checkpoint that
+    ``--force`` replaces is kept under ``history/`` (the newest ``keep_replaced`` of
+    them when given; all by default)."""
     store.ensure_conditional_writes()
     with leases.acquire(store, prefix + LEASE_NAME, lease_seconds) as held:
         now = inspect_checkpoint(store, prefix)
@@ -174,6 +180,8 @@ def commit_checkpoint(store: Store, prefix: str, staged: Path, manifest: dict, *
             if now.committed:
                 log.info("%s: replacing the %s manifest", store.url(prefix),
                          "live" if now.complete else f"incomplete ({'; '.join(now.problems[:3])})")
+            if now.complete:
+                _retain(store, prefix, now, keep_replaced)
             outcome = _publish(store, prefix, staged, manifest, now, held)
         outcome.removed = _cleanup(store, prefix, outcome, owned, orphan_age, held)
     return outcome
@@ -210,6 +218,42 @@ def _publish(store: Store, prefix: str, staged: Path, manifest: dict, now: Check
     return CommitOutcome("replaced" if now.committed else "created", manifest, path.stat().st_size)
 
 
+def _retain(store: Store, prefix: str, live: CheckpointState, keep_replaced: int | None) -> None:
+    """Keep the live manifest that is about to be replaced under ``history/``, named after
+    its commit time (its ETag for a manifest written before manifests recorded one), then
+    drop the oldest beyond ``keep_replaced``: their files go with the orphans."""
+    got = store.read(prefix + MANIFEST, _MAX_MANIFEST_BYTES)
+    if got is None or got[1].etag != live.etag:
+        return  # replaced meanwhile: the conditional write of the new manifest will say so
+    when = (live.manifest or {}).get("producer", {}).get("committed_at")
+    name = (when or f"etag-{live.etag}").replace(":", "").replace("/", "_").strip('"')
+    try:
+        store.put_bytes(prefix + HISTORY + f"{name}.json", got[0], if_absent=True)
+    except ConditionFailedError:
+        pass  # kept already (a forced run that retried)
+    if keep_replaced is not None:
+        old = sorted(store.list(prefix + HISTORY))[:-keep_replaced or None]
+        for key in old:
+            store.delete(key)
+        if old:
+            log.info("%s: %d replaced checkpoint(s) beyond the newest %d dropped", store.url(prefix), len(old),
+                     keep_replaced)
+
+
+def _retained(store: Store, prefix: str) -> set[str]:
+    """The kept replaced manifests and every file they reference."""
+    keep: set[str] = set()
+    for key in store.list(prefix + HISTORY):
+        keep.add(key)
+        try:
+            old = fmt.parse_manifest(store.get_bytes(key), store.url(key))
+        except (BirkhoffError, StoreError) as exc:
+            log.warning("%s: unreadable (%s); the files it referenced are not protected", store.url(key), redact(exc))
+            continue
+        keep |= {prefix + n for n in files_of(old)}
+    return keep
+
+
 def _garbage(store: Store, prefix: str, keep: set[str], orphan_age: float) -> set[str]:
     cutoff = time.time() - orphan_age
     return {i.key for i in store.list_info(prefix)
@@ -220,7 +264,7 @@ def _cleanup(store: Store, prefix: str, outcome: CommitOutcome, owned: Iterable[
              held: leases.Lease) -> list[str]:
     # files of a manifest this run replaced are not this run's: a reader may still be
     # fetching them, and they go with the orphans once they are old
-    keep = {prefix + n for n in referenced(outcome.manifest)} | {prefix + LEASE_NAME}
+    keep = {prefix + n for n in referenced(outcome.manifest)} | {prefix + LEASE_NAME} | _retained(store, prefix)
     doomed = {k for k in owned if k not in keep}
     try:
         doomed |= _garbage(store, prefix, keep, orphan_age)
@@ -250,14 +294,14 @@ def collect_garbage(store: Store, prefix: str, state: CheckpointState, *,
     nothing, not even the lease, when there are none."""
     if not state.complete:
         return []
-    keep = {prefix + n for n in referenced(state.manifest)}
+    keep = {prefix + n for n in referenced(state.manifest)} | _retained(store, prefix)
     if not _garbage(store, prefix, keep, orphan_age):
         return []
     with leases.acquire(store, prefix + LEASE_NAME, lease_seconds) as held:
         now = inspect_checkpoint(store, prefix)
         if not now.complete:
             return []
-        keep = {prefix + n for n in referenced(now.manifest)} | {prefix + LEASE_NAME}
+        keep = {prefix + n for n in referenced(now.manifest)} | {prefix + LEASE_NAME} | _retained(store, prefix)
         removed = _delete_all(store, sorted(_garbage(store, prefix, keep, orphan_age)), held)
     if removed:
         log.info("%s: removed %d orphaned object(s) older than %.0f h", store.url(prefix), len(removed),

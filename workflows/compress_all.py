@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="birkhoff-zoo", help="MLflow experiment name")
     p.add_argument("--only", nargs="+", metavar="NAME", help="compress only these models of the zoo")
     p.add_argument("--force", action="store_true", help="recompress models whose checkpoint is already committed")
+    p.add_argument("--keep-replaced", type=_int_in(0, 100_000), default=None, metavar="N",
+                   help="checkpoints replaced by --force to keep under <checkpoint>/history/ (default: all; "
+                        "the files of those dropped go with the orphans)")
     p.add_argument("--workers", type=_int_in(1, 100_000), default=None,
                    help="parallel shard tasks (default: every CPU, or GPU, of the cluster)")
     p.add_argument("--max-shard-bytes", type=_int_in(1, 2**62), default=None,
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         task_retries=args.task_retries,
         cpus_per_task=args.cpus_per_task,
         backend=args.backend, cache_dir=args.cache_dir, log_level=args.log_level, eval_mode=args.eval_mode,
+        keep_replaced=args.keep_replaced,
         git_commit=args.git_commit or git_commit(),
     )
     log.info("zoo %s: %d model(s) -> %s, runs -> %s", zoo.name, len(models), store.uri,

@@ -32,7 +32,6 @@ from compressor.codec import CODEC_VERSION
 from compressor.stats import manifest_stats, size_ratio
 
 from . import commit as commits
-from .commit import fetch_checkpoint  # noqa: F401  (callers and tests import it from the driver)
 from .errors import StoreError, TransientStoreError, WorkflowError
 from .lease import DEFAULT_LEASE_SECONDS
 from .redaction import redact, redact_uri
@@ -78,6 +77,8 @@ class RunOptions:
     orphan_age: float = field(default_factory=lambda: _env_seconds("BIRKHOFF_ORPHAN_AGE_S",
                                                                    commits.ORPHAN_AGE_SECONDS))
     stale_seconds: float = field(default_factory=lambda: _env_seconds("BIRKHOFF_STALE_UPLOAD_S", STALE_SECONDS))
+    # how many checkpoints --force replaced stay under <prefix>history/ (None: all of them)
+    keep_replaced: int | None = None
 
     def __post_init__(self) -> None:
         bad = []
@@ -85,6 +86,8 @@ class RunOptions:
             bad.append(f"workers must be >= 1, got {self.workers}")
         if self.max_shard_bytes < 1:
             bad.append(f"max_shard_bytes must be >= 1, got {self.max_shard_bytes}")
+        if self.keep_replaced is not None and self.keep_replaced < 0:
+            bad.append(f"keep_replaced must be >= 0, got {self.keep_replaced}")
         if self.task_retries < 0:
             bad.append(f"task_retries must be >= 0, got {self.task_retries}")
         if self.cpus_per_task < 1:
@@ -378,7 +381,8 @@ class ModelRun:
         # this run's objects: its shards (new or resumed) and the resume records of its plan
         owned = {prefix + r.file for r in records} | {work_key(prefix, s.names_hash) for s in shards}
         sink = commits.StoreSink(store, prefix, seen=seen, force=self.opts.force, owned=owned,
-                                 lease_seconds=self.opts.lease_seconds, orphan_age=self.opts.orphan_age)
+                                 lease_seconds=self.opts.lease_seconds, orphan_age=self.opts.orphan_age,
+                                 keep_replaced=self.opts.keep_replaced)
         with tempfile.TemporaryDirectory(prefix="birkhoff-commit-") as d:
             # the shards are in the store already (the tasks wrote them through the same writer); the
             # Hugging Face config gets its quantization_config and the weights index (compressor.hf_files);

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from workflows.commit import LEASE_NAME, inspect_checkpoint, referenced
-from workflows.driver import fetch_checkpoint
+from workflows.commit import fetch_checkpoint
 from workflows.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +108,8 @@ def _check_committed(store, tmp: Path, superseded: set[str] = frozenset()) -> st
     state = inspect_checkpoint(store, prefix)
     assert state.complete, state.problems
     fetch_checkpoint(store, prefix, tmp)  # CompressedCheckpoint.load verifies every checksum and tensor
-    left = set(store.list(prefix)) - {prefix + n for n in superseded}
+    # a --force run keeps the manifest it replaced under history/ (issue 13)
+    left = {k for k in store.list(prefix) if not k.startswith(prefix + "history/")} - {prefix + n for n in superseded}
     assert left == {prefix + n for n in referenced(state.manifest)}, left
     assert prefix + LEASE_NAME not in left
     return prefix
@@ -183,8 +184,10 @@ def _force_keeps_a_readable_checkpoint(ray_head, mlflow_server, zoo_file, uri, e
         time.sleep(0.2)
     out = forced.wait()
     assert out["status"] == "compressed" and polls > 3
-    # the superseded plan's shards stay until they are old orphans (a reader may be fetching them)
+    # the superseded plan's shards stay: the replaced manifest is kept under history/
     _check_committed(store, tmp_path / "fetched-forced", superseded=set(plan_before))
+    kept = store.list(prefix + "history/")
+    assert len(kept) == 1 and sorted(json.loads(store.get_bytes(kept[0]))["shards"]) == plan_before
     assert sorted(inspect_checkpoint(store, prefix).manifest["shards"]) != plan_before
 
 

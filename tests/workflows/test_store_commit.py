@@ -232,7 +232,7 @@ def _upload(store, prefix: str, plan) -> set[str]:
 
 
 def _loads(store, prefix: str, tmp: Path) -> None:
-    from workflows.driver import fetch_checkpoint
+    from workflows.commit import fetch_checkpoint
 
     fetch_checkpoint(store, prefix, tmp)  # CompressedCheckpoint.load: every checksum and tensor
 
@@ -290,12 +290,31 @@ def test_force_replaces_only_the_version_it_saw(store, tmp_path, plans):
     now = inspect_checkpoint(store, p)
     assert now.complete and now.manifest == mb
     _loads(store, p, tmp_path / "fetched")
-    # the superseded checkpoint's shard is not this run's: it stays for a reader that may be
-    # fetching it, and goes with the orphans once old
+    # the replaced checkpoint is kept (issue 13: never deleted by default): its manifest under
+    # history/, byte for byte, and its files, however old
     old_shards = {p + n for n in ma["shards"]}
-    assert all(store.exists(k) for k in old_shards)
+    kept = store.list(p + "history/")
+    assert len(kept) == 1 and json.loads(store.get_bytes(kept[0])) == ma
     time.sleep(1.2)
-    assert set(collect_garbage(store, p, now, orphan_age=1)) == old_shards
+    assert collect_garbage(store, p, now, orphan_age=1) == []
+    assert all(store.exists(k) for k in old_shards)
+
+
+def test_a_retention_drops_the_oldest_replaced_checkpoints_and_their_files(store, tmp_path, plans):
+    """``keep_replaced=N``: the newest N replaced manifests stay; the files of the others
+    go with the orphans once old (a reader may still be fetching them)."""
+    p = "m/src/cfg-codec1/"
+    (da, ma), (db, mb) = plans["a"], plans["b"]
+    assert commit_checkpoint(store, p, da, ma, seen=inspect_checkpoint(store, p), force=False,
+                             owned=_upload(store, p, plans["a"])).status == "created"
+    owned = _upload(store, p, plans["b"])
+    done = commit_checkpoint(store, p, db, mb, seen=inspect_checkpoint(store, p), force=True, owned=owned,
+                             keep_replaced=0)
+    assert done.status == "replaced" and store.list(p + "history/") == []
+    time.sleep(1.2)
+    assert set(collect_garbage(store, p, inspect_checkpoint(store, p), orphan_age=1)) == \
+        {p + n for n in ma["shards"]}
+    _loads(store, p, tmp_path / "fetched")
 
 
 def test_commit_refuses_when_its_own_shard_vanished(store, tmp_path, plans):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.driver import fetch_checkpoint
+from workflows.commit import fetch_checkpoint
 from workflows.errors import NotCommittedError
 from workflows.local_services import SeaweedFS
 from workflows.store import S3Store

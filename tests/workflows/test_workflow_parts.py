@@ -214,7 +214,7 @@ def test_s3_errors_are_typed_and_carry_no_secret(seaweed, s3_creds, tmp_path, mo
 
 
 def test_fetch_refuses_uncommitted_prefix(tmp_path):
-    from workflows.driver import fetch_checkpoint
+    from workflows.commit import fetch_checkpoint
 
     store = LocalStore(tmp_path / "s")
     store.put_bytes("m/h/c-codec1/shard-00001-of-00001.safetensors", b"not a checkpoint")
