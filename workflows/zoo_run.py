@@ -58,7 +58,7 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
                          f" (ratio {out.metrics['ratio']:.3f}x, MAE {out.metrics['mae']:.3g})"
                          if out.metrics else "")
                 if tracker:
-                    _log_success(tracker, child, out)
+                    _log_success(tracker, child, out, opts.store)
                 if spec.eval and (opts.eval_mode == "all"
                                   or (opts.eval_mode == "new" and out.status in ("compressed", "repaired"))):
                     _evaluate(zoo, spec, mrun, out, opts, tracker, child)
@@ -129,13 +129,16 @@ def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", opts: RunO
                                          str(Path(zoo.path).resolve().parent), cache))
 
 
-def _log_success(tracker, child: str, out: ModelOutcome) -> None:
+def _log_success(tracker, child: str, out: ModelOutcome, store=None) -> None:
     try:
         tracker.log_metrics(child, out.metrics)
         tracker.set_tags(child, {"birkhoff.status": out.status, "birkhoff.checkpoint_uri": out.checkpoint_uri})
         tracker.finish(child, "FINISHED")
     except Exception as exc:  # the checkpoint is committed; bookkeeping must not fail the model
         log.warning("%s: MLflow logging failed: %s", out.name, redact(exc))
+    from .registry import register_outcome
+
+    register_outcome(tracker, child, out, store)  # a registry version per checkpoint (@latest); only warns
 
 
 def _log_failure(tracker, child: str, err: str, tb: str) -> None:
