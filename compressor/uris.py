@@ -53,13 +53,13 @@ def is_uri(text) -> bool:
 
 
 def shown(uri: str) -> str:
-    """The URI as messages show it: no user info (a credential) and no query."""
+    """The URI as messages show it: without user info (a credential) or query."""
     try:
         parts = urlsplit(uri)
     except ValueError:
         return "<unparsable URI>"
-    netloc = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}:{'//' + netloc if parts.netloc or uri.startswith(parts.scheme + '://') else ''}{parts.path}"
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.netloc else f"{parts.scheme}:{parts.path}"
 
 
 def _resolver(scheme: str, uri: str) -> Callable[[str], object]:

@@ -24,14 +24,11 @@ keys the worker's model cache.
 
 from __future__ import annotations
 
-import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from .zoo import dataset_value, resolve_source
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
