@@ -186,8 +186,11 @@ class CompressedCheckpoint:
     @classmethod
     def load(cls, directory, *, limits: "fmt.LoadLimits | None" = None, verify: bool = True,
              names: Iterable[str] | None = None) -> "CompressedCheckpoint":
-        """Validate and load a compressed directory (see :mod:`compressor.format`)."""
-        directory = Path(directory)
+        """Validate and load a compressed directory (see :mod:`compressor.format`), or
+        the checkpoint a URI names (``s3://``, ``models:/``: :mod:`compressor.uris`)."""
+        from .uris import resolve_checkpoint
+
+        directory = resolve_checkpoint(directory)
         limits = limits or fmt.LoadLimits()
         manifest = fmt.read_manifest(directory, limits)
         stored = fmt.load_stored_tensors(directory, manifest, names=names, limits=limits, verify=verify)

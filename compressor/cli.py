@@ -127,7 +127,7 @@ def _cmd_compress(args) -> int:
 def _add_decompress(sub) -> None:
     p = sub.add_parser("decompress", help="decode a compressed checkpoint into one safetensors file, "
                                           "or into a Hugging Face model directory")
-    p.add_argument("dst", help="compressed checkpoint directory")
+    p.add_argument("dst", help="compressed checkpoint directory, or s3://bucket/prefix/ or models:/NAME@ALIAS")
     p.add_argument("out", help="output .safetensors file (its directory must exist), or a new directory: "
                                "model.safetensors with the source's config.json, tokenizer and processor "
                                "files (loads with from_pretrained)")
@@ -158,8 +158,9 @@ def _cmd_decompress(args) -> int:
     from . import destination as dest
     from . import format as fmt
     from .checkpoint import CompressedCheckpoint
+    from .uris import resolve_checkpoint
 
-    directory = Path(args.dst)
+    directory = resolve_checkpoint(args.dst)  # s3:// and models:/ through the verified cache
     manifest = fmt.read_manifest(directory)  # validated and capped: cheap, before any decoding
     checkpoint_files = [str(directory / n) for n in
                         [fmt.MANIFEST_NAME, *manifest["shards"], *manifest["extra_files"]]]
@@ -186,7 +187,7 @@ def _cmd_decompress(args) -> int:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="per-tensor table of a compressed checkpoint")
-    p.add_argument("dst")
+    p.add_argument("dst", help="compressed checkpoint directory, or s3://bucket/prefix/ or models:/NAME@ALIAS")
     p.add_argument("--json", action="store_true")
     p.add_argument("--parquet", default=None, metavar="FILE", help="write the table as Parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Parquet FILE")
@@ -197,11 +198,13 @@ def _cmd_inspect(args) -> int:
     from . import destination as dest
     from .format import read_manifest
     from .report import manifest_rows, write_parquet
+    from .uris import resolve_checkpoint
 
-    manifest = read_manifest(Path(args.dst))
+    directory = resolve_checkpoint(args.dst)  # s3:// and models:/ through the verified cache
+    manifest = read_manifest(directory)
     rows = manifest_rows(manifest)
     if args.parquet:
-        guard = dict(protected_dirs=[str(args.dst)])
+        guard = dict(protected_dirs=[str(directory)])
         dest.check_output_file(args.parquet, overwrite=args.overwrite, **guard)
         dest.publish_file(lambda tmp: write_parquet(rows, tmp, atomic=False), args.parquet,
                           overwrite=args.overwrite, **guard)

@@ -160,3 +160,8 @@ class EntropyStreamError(FormatError):
 class ScaleError(FormatError):
     """A v2 tensor's step (float32 base or float16 row scale) is NaN, infinite, zero,
     negative or subnormal."""
+
+
+class CheckpointURIError(_Located, ValueError):
+    """A checkpoint is named by a URI (``s3://``, ``models:/``) that no installed
+    resolver handles, or whose resolver cannot be loaded (``compressor.uris``)."""

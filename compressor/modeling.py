@@ -275,8 +275,9 @@ def load_model(path, device=None, backend: str = "auto", *, model_class=None, co
     from transformers import AutoConfig
 
     from .checkpoint import CompressedCheckpoint
+    from .uris import resolve_checkpoint
 
-    path = Path(path)
+    path = resolve_checkpoint(path)  # a local directory, or s3:// / models:/ fetched into the cache
     device = torch.device(device) if device is not None else torch.device("cpu")
     if not (path / "config.json").is_file():
         raise MissingTensorError("compressed directory has no config.json (needed to build the model)",

@@ -31,7 +31,8 @@ def register(subparsers, resolve_source=None) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a compressed model against its original (mIoU, mAP, fidelity)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("compressed", metavar="COMPRESSED_DIR",
-                   help="compressed checkpoint directory (or any SAM-family transformers directory)")
+                   help="compressed checkpoint directory, s3://bucket/prefix/ of a committed checkpoint, or "
+                        "models:/NAME@ALIAS (or any SAM-family transformers directory)")
     p.add_argument("--original", metavar="SOURCE",
                    help="the uncompressed model (default: the source recorded in COMPRESSED_DIR's manifest)")
     p.add_argument("--dataset", action="append", required=True, metavar="[NAME=]FORMAT:ANNOTATIONS:IMAGES[:DETS]",

@@ -220,7 +220,13 @@ def load_compressed_model(path: str) -> tuple[Any, Any]:
 
 
 def default_loader(path: str) -> tuple[Any, Any]:
-    """Compressed directories through ``compressor.load_model``, the rest through transformers."""
+    """Compressed directories through ``compressor.load_model``, the rest through transformers.
+    A checkpoint URI (``s3://``, ``models:/``) is fetched into this node's verified cache
+    first (:mod:`compressor.uris`): a Ray task gets the URI, never a driver path."""
+    from compressor.uris import is_uri, resolve_checkpoint
+
+    if is_uri(path):
+        path = str(resolve_checkpoint(path))
     return load_compressed_model(path) if is_compressed_dir(path) else load_transformers_model(path)
 
 

@@ -106,7 +106,12 @@ def model_under_test(compressed: str, datasets: Sequence[DatasetSpec], original:
     """The original defaults to the source recorded in the compressed directory
     (a workflow source through ``resolve_source``: see :func:`models.recorded_source`)."""
     if original is None:
-        original = recorded_source(compressed, resolve_source) if is_compressed_dir(compressed) else compressed
+        from compressor.uris import resolve_checkpoint
+
+        # a URI (s3://, models:/) is fetched into the cache here to read its recorded source;
+        # the tasks get the URI itself and fetch it on their node (models.default_loader)
+        local = resolve_checkpoint(compressed)
+        original = recorded_source(local, resolve_source) if is_compressed_dir(local) else compressed
     return ModelUnderTest(str(compressed), str(original), tuple(datasets), name)
 
 

@@ -6,8 +6,9 @@ the task runs on a node that cannot see them (another machine, a pod with its ow
 
 * :class:`CheckpointFromStore`: the committed checkpoint's store location and the
   sha256 of its manifest. Fetched once per node into the node's cache (complete or
-  not at all), checked by the compressor's loader, then loaded like any compressed
-  directory. A commit other than the one the driver evaluates is refused
+  not at all, verified on reuse: :mod:`workflows.checkpoint_cache`), checked by the
+  compressor's loader, then loaded like any compressed directory. A commit other
+  than the one the driver evaluates is refused
   (:class:`~workflows.errors.CheckpointChangedError`).
 * :class:`SourceOnNode`: the zoo source URI and the sha256 the commit is keyed
   under. Resolved as the shard tasks resolve it; a source whose bytes differ is
@@ -23,21 +24,11 @@ keys the worker's model cache.
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
 import socket
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .zoo import dataset_value, default_cache_dir, resolve_source
-
-log = logging.getLogger(__name__)
-
-
-def _cache(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else default_cache_dir()
+from .zoo import dataset_value, resolve_source
 
 
 @dataclass(frozen=True)
@@ -50,29 +41,18 @@ class CheckpointFromStore:
     cache_dir: str | None = None
 
     def local_dir(self) -> Path:
-        return _cache(self.cache_dir) / "checkpoints" / self.manifest_sha256[:32]
+        from .checkpoint_cache import cached_dir
+
+        return cached_dir(self.manifest_sha256, self.cache_dir)
 
     def fetch(self) -> Path:
-        """This node's copy, downloaded and verified once; concurrent tasks on one node
-        each download into their own temporary folder and the first rename wins."""
-        from .commit import MANIFEST, fetch_checkpoint
+        """This node's copy, downloaded and verified once, checked again on each reuse
+        (:func:`workflows.checkpoint_cache.cached_checkpoint`: the one cache that
+        ``birkhoff eval s3://...`` and ``load_model`` use too)."""
+        from .checkpoint_cache import cached_checkpoint
         from .store import open_store
 
-        target = self.local_dir()
-        if (target / MANIFEST).is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            fetch_checkpoint(open_store(self.store), self.prefix, tmp, manifest_sha256=self.manifest_sha256)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another task on this node finished first: the same commit
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("checkpoint %s fetched into %s on %s", self.prefix, target, socket.gethostname())
-        return target
+        return cached_checkpoint(open_store(self.store), self.prefix, self.manifest_sha256, self.cache_dir)
 
     def __call__(self, uri: str):
         from eval_jobs.models import default_loader

@@ -74,11 +74,11 @@ def _flat(prefix: str, value: Any, out: dict) -> None:
 
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str = "birkhoff-zoo", artifact_location: str | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
+        # an explicit client only: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for
+        # the whole process, the default of every later MLflow user in it (birkhoff eval's too)
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = mb.experiment_id(self.client, experiment, artifact_location)
         self._last_beat = 0.0

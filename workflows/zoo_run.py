@@ -81,7 +81,7 @@ def _run_model(zoo: Zoo, spec: ModelSpec, opts: RunOptions, tracker, parent: str
                           or (opts.eval_mode == "new" and out.status in ("compressed", "repaired"))):
             _evaluate(zoo, spec, mrun, out, opts, tracker, child)
         if tracker:
-            _log_success(tracker, child, out)
+            _log_success(tracker, child, out, opts.store)
     out.run_id = child
     return out
 
@@ -136,13 +136,16 @@ def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", opts: RunO
                                          str(Path(zoo.path).resolve().parent), cache))
 
 
-def _log_success(tracker, child: str, out: ModelOutcome) -> None:
+def _log_success(tracker, child: str, out: ModelOutcome, store=None) -> None:
     try:
         tracker.log_metrics(child, zt.model_metrics(out))
         tracker.set_tags(child, {"birkhoff.status": out.status, "birkhoff.checkpoint_uri": out.checkpoint_uri})
         tracker.finish(child, "FINISHED")
     except Exception as exc:  # the checkpoint is committed; bookkeeping must not fail the model
         log.warning("%s: MLflow logging failed: %s", out.name, redact(exc))
+    from .registry import register_outcome
+
+    register_outcome(tracker, child, out, store)  # a registry version per checkpoint (@latest); only warns
 
 
 def _log_failure(tracker, child: str, err: str, tb: str) -> None:

@@ -234,6 +234,38 @@ def test_rerun_writes_nothing_and_skips_everything(accept):
     assert accept["after"] == accept["before"]  # same keys, sizes, ETags and times: zero writes
 
 
+def test_committed_models_are_registered_and_load_from_the_registry(accept, mlflow_server, seaweed, tmp_path,
+                                                                    monkeypatch):
+    """Issue 13 item 2: each committed checkpoint is a version of its model's registered
+    model, whose source is the store URI; the rerun that skipped added no version, and
+    ``models:/<name>@latest`` loads what the store holds."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from compressor import load_model
+
+    c = MlflowClient(mlflow_server.uri)
+    first = _summary(accept["dir"] / "run1.json")
+    second = _summary(accept["dir"] / "run2.json")
+    for name in GOOD:
+        versions = c.search_model_versions(f"name = 'birkhoff-{name}'")
+        assert len(versions) == 1, (name, [(v.version, v.source) for v in versions])
+        mv = c.get_model_version_by_alias(f"birkhoff-{name}", "latest")
+        assert mv.source == first[name]["checkpoint_uri"] and mv.run_id == first[name]["run_id"]
+        assert c.get_run(second[name]["run_id"]).data.tags["birkhoff.registered_version"] == mv.version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", seaweed.endpoint)
+    monkeypatch.setenv("BIRKHOFF_CACHE", str(tmp_path / "cache"))
+    got = load_model("models:/birkhoff-sam-shapes@latest")
+    store = S3Store(f"s3://{BUCKET}", endpoint_url=seaweed.endpoint)
+    fetched = fetch_checkpoint(store, first["sam-shapes"]["checkpoint_uri"][len(f"s3://{BUCKET}/"):],
+                               tmp_path / "fetched")
+    ref = load_model(fetched)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got.get_image_embeddings(x), ref.get_image_embeddings(x), rtol=1e-6, atol=1e-6)
+
+
 def test_credentials_never_leak(accept, s3_creds, mlflow_server, ray_head):
     from mlflow.tracking import MlflowClient
 
