@@ -158,15 +158,14 @@ def fetch_store_uri(uri: str, cache_dir=None, *, endpoint_url: str | None = None
 
     root, prefix = split_store_uri(uri)
     store = open_store(root, endpoint_url=endpoint_url)
+    if manifest_sha256 is not None:  # that commit: live, or replaced and kept under history/
+        return cached_checkpoint(store, prefix, manifest_sha256, cache_dir)
     for attempt in (1, 2):
         got = hashlib.sha256(read_manifest_bytes(store, prefix)).hexdigest()
-        if manifest_sha256 is not None and got != manifest_sha256:
-            raise CheckpointChangedError(f"{redact_uri(uri)}: the committed manifest's sha256 is {got[:16]}..., "
-                                         f"expected {manifest_sha256[:16]}...: another commit replaced it")
         try:
             return cached_checkpoint(store, prefix, got, cache_dir)
         except CheckpointChangedError:
-            if attempt == 2 or manifest_sha256 is not None:
+            if attempt == 2:
                 raise
             log.info("%s: a new commit landed while fetching; fetching that one", redact_uri(uri))
     raise AssertionError("unreachable")

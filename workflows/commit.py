@@ -181,7 +181,7 @@ def commit_checkpoint(store: Store, prefix: str, staged: Path, manifest: dict, *
                 log.info("%s: replacing the %s manifest", store.url(prefix),
                          "live" if now.complete else f"incomplete ({'; '.join(now.problems[:3])})")
             if now.complete:
-                _retain(store, prefix, now, keep_replaced)
+                _retain(store, prefix, now, manifest, keep_replaced)
             outcome = _publish(store, prefix, staged, manifest, now, held)
         outcome.removed = _cleanup(store, prefix, outcome, owned, orphan_age, held)
     return outcome
@@ -218,33 +218,47 @@ def _publish(store: Store, prefix: str, staged: Path, manifest: dict, now: Check
     return CommitOutcome("replaced" if now.committed else "created", manifest, path.stat().st_size)
 
 
-def _retain(store: Store, prefix: str, live: CheckpointState, keep_replaced: int | None) -> None:
-    """Keep the live manifest that is about to be replaced under ``history/``, named after
-    its commit time (its ETag for a manifest written before manifests recorded one), then
-    drop the oldest beyond ``keep_replaced``: their files go with the orphans."""
+def kept_manifests(store: Store, prefix: str) -> list[str]:
+    """The keys of the replaced manifests kept under ``history/``, oldest first."""
+    depth = (prefix + HISTORY).count("/")
+    return sorted(k for k in store.list(prefix + HISTORY) if k.count("/") == depth and k.endswith(".json"))
+
+
+def _retain(store: Store, prefix: str, live: CheckpointState, new: dict, keep_replaced: int | None) -> None:
+    """Keep the live checkpoint that ``new`` is about to replace: its manifest as
+    ``history/<stamp>.json`` (its commit time, or its ETag for a manifest written before
+    manifests recorded one) and, under ``history/<stamp>/``, the extra files the new one
+    overwrites (shards are content-addressed: they stay where they are). Then drop the
+    oldest beyond ``keep_replaced``: their shards go with the orphans."""
     got = store.read(prefix + MANIFEST, _MAX_MANIFEST_BYTES)
-    if got is None or got[1].etag != live.etag:
+    if got is None or got[1].etag != live.etag or live.manifest is None:
         return  # replaced meanwhile: the conditional write of the new manifest will say so
-    when = (live.manifest or {}).get("producer", {}).get("committed_at")
-    name = (when or f"etag-{live.etag}").replace(":", "").replace("/", "_").strip('"')
+    when = live.manifest.get("producer", {}).get("committed_at")
+    stamp = (when or f"etag-{live.etag}").replace(":", "").replace("/", "_").strip('"')
+    new_extras = new.get("extra_files", {})
+    for name, rec in sorted(live.manifest.get("extra_files", {}).items()):
+        if new_extras.get(name, {}).get("sha256") != rec["sha256"]:
+            store.put_bytes(f"{prefix}{HISTORY}{stamp}/{name}", store.get_bytes(prefix + name))
     try:
-        store.put_bytes(prefix + HISTORY + f"{name}.json", got[0], if_absent=True)
+        store.put_bytes(f"{prefix}{HISTORY}{stamp}.json", got[0], if_absent=True)
     except ConditionFailedError:
         pass  # kept already (a forced run that retried)
     if keep_replaced is not None:
-        old = sorted(store.list(prefix + HISTORY))[:-keep_replaced or None]
-        for key in old:
+        dropped = kept_manifests(store, prefix)[:-keep_replaced or None]
+        for key in dropped:
+            for extra in store.list(key[:-len(".json")] + "/"):
+                store.delete(extra)
             store.delete(key)
-        if old:
-            log.info("%s: %d replaced checkpoint(s) beyond the newest %d dropped", store.url(prefix), len(old),
+        if dropped:
+            log.info("%s: %d replaced checkpoint(s) beyond the newest %d dropped", store.url(prefix), len(dropped),
                      keep_replaced)
 
 
 def _retained(store: Store, prefix: str) -> set[str]:
-    """The kept replaced manifests and every file they reference."""
+    """Everything under ``history/`` and every shard the kept manifests reference."""
     keep: set[str] = set()
-    for key in store.list(prefix + HISTORY):
-        keep.add(key)
+    keep |= set(store.list(prefix + HISTORY))
+    for key in kept_manifests(store, prefix):
         try:
             old = fmt.parse_manifest(store.get_bytes(key), store.url(key))
         except (BirkhoffError, StoreError) as exc:
@@ -326,27 +340,44 @@ def read_manifest(store: Store, prefix: str) -> dict:
     return fmt.parse_manifest(read_manifest_bytes(store, prefix), store.url(prefix + MANIFEST))
 
 
-def fetch_checkpoint(store: Store, prefix: str, directory, *, manifest_sha256: str | None = None) -> Path:
-    """Download a committed checkpoint (manifest, shards, extra files) and verify it
-    with the compressor's loader checks. Refuses prefixes without a manifest and, with
-    ``manifest_sha256``, a commit other than that one (:class:`CheckpointChangedError`):
-    the manifest is read once, its shards are content-addressed, so the files fetched
-    are exactly those it lists."""
+def pinned_manifest(store: Store, prefix: str, manifest_sha256: str | None) -> tuple[bytes, str]:
+    """The manifest whose bytes hash to ``manifest_sha256`` (any: the live one), and the
+    key prefix its overwritten extra files are kept under (``""``: none). The live
+    manifest, else a replaced one kept under ``history/``; :class:`CheckpointChangedError`
+    when neither is that commit."""
     import hashlib
 
+    raw = read_manifest_bytes(store, prefix)
+    if manifest_sha256 is None or hashlib.sha256(raw).hexdigest() == manifest_sha256:
+        return raw, ""
+    for key in reversed(kept_manifests(store, prefix)):
+        old = store.get_bytes(key)
+        if hashlib.sha256(old).hexdigest() == manifest_sha256:
+            return old, key[:-len(".json")] + "/"
+    raise CheckpointChangedError(f"{store.url(prefix)}: the committed manifest's sha256 is "
+                                 f"{hashlib.sha256(raw).hexdigest()[:16]}..., expected {manifest_sha256[:16]}...: "
+                                 f"another commit replaced it, and no replaced checkpoint kept under "
+                                 f"{HISTORY} is that one")
+
+
+def fetch_checkpoint(store: Store, prefix: str, directory, *, manifest_sha256: str | None = None) -> Path:
+    """Download a committed checkpoint (manifest, shards, extra files) and verify it
+    with the compressor's loader checks. Refuses prefixes without a manifest. With
+    ``manifest_sha256``, that commit: the live one, or one ``--force`` replaced and
+    ``history/`` keeps (see :func:`pinned_manifest`). The manifest is read once,
+    its shards are content-addressed, so the files fetched are exactly those it lists."""
     from compressor.checkpoint import CompressedCheckpoint
     from compressor.format.fsio import atomic_file
 
-    raw = read_manifest_bytes(store, prefix)
-    got = hashlib.sha256(raw).hexdigest()
-    if manifest_sha256 is not None and got != manifest_sha256:
-        raise CheckpointChangedError(f"{store.url(prefix)}: the committed manifest's sha256 is {got[:16]}..., "
-                                     f"expected {manifest_sha256[:16]}...: another commit replaced it")
+    raw, kept = pinned_manifest(store, prefix, manifest_sha256)
     manifest = fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    for name in list(manifest["shards"]) + list(manifest.get("extra_files", {})):
+    kept_extras = {k[len(kept):] for k in store.list(kept)} if kept else set()
+    for name in manifest["shards"]:
         store.get_file(prefix + name, d / name)
+    for name in manifest.get("extra_files", {}):
+        store.get_file((kept if name in kept_extras else prefix) + name, d / name)
     with atomic_file(str(d), MANIFEST) as tmp:
         Path(tmp).write_bytes(raw)
     CompressedCheckpoint.load(d)  # validates every shard checksum and tensor

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.commit import LEASE_NAME, inspect_checkpoint, referenced
+from workflows.commit import LEASE_NAME, inspect_checkpoint, kept_manifests, referenced
 from workflows.commit import fetch_checkpoint
 from workflows.store import open_store
 
@@ -186,7 +186,7 @@ def _force_keeps_a_readable_checkpoint(ray_head, mlflow_server, zoo_file, uri, e
     assert out["status"] == "compressed" and polls > 3
     # the superseded plan's shards stay: the replaced manifest is kept under history/
     _check_committed(store, tmp_path / "fetched-forced", superseded=set(plan_before))
-    kept = store.list(prefix + "history/")
+    kept = kept_manifests(store, prefix)
     assert len(kept) == 1 and sorted(json.loads(store.get_bytes(kept[0]))["shards"]) == plan_before
     assert sorted(inspect_checkpoint(store, prefix).manifest["shards"]) != plan_before
 

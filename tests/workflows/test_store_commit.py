@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from workflows import lease as leases
-from workflows.commit import LEASE_NAME, collect_garbage, commit_checkpoint, inspect_checkpoint
+from workflows.commit import LEASE_NAME, collect_garbage, commit_checkpoint, inspect_checkpoint, kept_manifests
 from workflows.errors import CommitLeaseError, ConditionFailedError, WorkflowError
 from workflows.store import LocalStore, S3Store
 
@@ -293,11 +293,20 @@ def test_force_replaces_only_the_version_it_saw(store, tmp_path, plans):
     # the replaced checkpoint is kept (issue 13: never deleted by default): its manifest under
     # history/, byte for byte, and its files, however old
     old_shards = {p + n for n in ma["shards"]}
-    kept = store.list(p + "history/")
+    kept = kept_manifests(store, p)
     assert len(kept) == 1 and json.loads(store.get_bytes(kept[0])) == ma
     time.sleep(1.2)
     assert collect_garbage(store, p, now, orphan_age=1) == []
     assert all(store.exists(k) for k in old_shards)
+    # a reader pinned to the replaced commit (a registry version records its manifest's sha256)
+    # still loads it, from history/
+    import hashlib
+
+    from workflows.commit import fetch_checkpoint
+
+    old_sha = hashlib.sha256(store.get_bytes(kept[0])).hexdigest()
+    old = fetch_checkpoint(store, p, tmp_path / "replaced", manifest_sha256=old_sha)
+    assert json.loads((old / "manifest.json").read_text()) == ma
 
 
 def test_a_retention_drops_the_oldest_replaced_checkpoints_and_their_files(store, tmp_path, plans):
