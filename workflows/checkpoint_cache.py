@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 
 from compressor.format import MANIFEST_NAME
+from compressor.format.fsio import atomic_directory
 
 from .errors import CheckpointChangedError, StoreError
 from .redaction import redact_uri
@@ -115,15 +116,9 @@ def cached_checkpoint(store, prefix: str, manifest_sha256: str, cache_dir=None) 
             return target
         _discard(target, problems)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    # complete or not at all; another reader on this node that finishes first wins (the same commit)
+    with atomic_directory(str(target.parent), target.name) as tmp:
         fetch_checkpoint(store, prefix, tmp, manifest_sha256=manifest_sha256)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another reader on this node finished first: the same commit
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("checkpoint %s fetched into %s on %s", store.url(prefix), target, socket.gethostname())
     return target
 

@@ -34,9 +34,7 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 import stat
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ import yaml
 
 from compressor.config import HyperCompressionConfig
 from compressor.errors import BirkhoffError
+from compressor.format.fsio import atomic_directory
 
 from .errors import ZooError
 from .redaction import redact
@@ -277,17 +276,12 @@ def dataset_value(name: str, entry: str, base_dir: Path, *, cache_dir=None) -> s
         root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "datasets" / \
             f"synthetic-v{SYNTHETIC_VERSION}-n{SYNTHETIC_IMAGES}-seed0"
         if not (root / ".complete").exists():
-            # written under a temporary name, renamed whole: workers never see half a set
-            tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-            try:
-                write_synthetic(tmp, n_images=SYNTHETIC_IMAGES, seed=0)
-                (tmp / ".complete").touch()
-                try:
-                    os.replace(tmp, root)
-                except OSError:  # another worker won the race: theirs is identical
-                    pass
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            # written under a temporary name, renamed whole: workers never see half a set (a
+            # concurrent writer's identical set wins the race)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_directory(str(root.parent), root.name) as tmp:
+                write_synthetic(Path(tmp), n_images=SYNTHETIC_IMAGES, seed=0)
+                (Path(tmp) / ".complete").touch()
         paths = {"coco": f"{root / 'coco.json'}:{root / 'images'}", "lvis": f"{root / 'lvis.json'}:{root / 'images'}",
                  "sa1b": f"{root / 'sa1b'}:{root / 'images'}"}
         fmt_ = SYNTHETIC_FORMS[entry]
@@ -365,16 +359,9 @@ def _download_s3(uri: str, cache: Path, endpoint_url: str | None) -> Path:
         target = cache / f"{bucket}-{fingerprint.hexdigest()[:16]}"
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cache / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
+            with atomic_directory(str(cache), target.name) as tmp:  # another task's identical copy may win
                 for k in keys:
-                    store.get_file(k, tmp / k[len(base):])
-                try:
-                    os.replace(tmp, target)
-                except OSError:  # another task on this node finished first
-                    pass
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                    store.get_file(k, Path(tmp) / k[len(base):])
     except StoreError as exc:
         raise SourceError(f"cannot download the S3 source: {redact(exc)}", file=uri) from None
     if len(keys) == 1 and keys[0] == key:
