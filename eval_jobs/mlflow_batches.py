@@ -70,3 +70,10 @@ def set_tags(client, run_id: str, tags: Mapping[str, Any], clean: Callable[[Any]
     items = [RunTag(k, clean(v)[:TAG_MAX]) for k, v in tags.items()]
     for i in range(0, len(items), TAGS_PER_BATCH):
         client.log_batch(run_id, tags=items[i:i + TAGS_PER_BATCH])
+
+
+def log_rows(client, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Log dict rows as a table (``log_table``: the UI shows it); columns in first-seen order,
+    a row without a column gets null there."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in columns}, artifact_file=artifact_file)

@@ -66,8 +66,7 @@ class RunOptions:
     cache_dir: str | None = None
     log_level: str = "INFO"
     git_commit: str = "unknown"
-    # evaluate after compressing: "new" (models compressed in this run), "all"
-    # (also the skipped ones: the nightly check), "none"
+    # evaluate: "all" (skipped models too: the nightly figures), "new" (those compressed now), "none"
     eval_mode: str = "all"
     # the commit lease's time (renewed while held), the age after which unreferenced
     # objects are a dead run's orphans, and after which a temporary or multipart
@@ -113,6 +112,9 @@ class ModelOutcome:
     shards: list = field(default_factory=list)  # per-shard task statistics (compressed models)
     eval_metrics: dict = field(default_factory=dict)
     eval_error: str | None = None
+    # the commit's manifest and source sha256, read once (ModelRun._point_latest): eval and registry pin it
+    manifest_sha256: str | None = None
+    source_sha256: str | None = None
 
     def as_dict(self) -> dict:
         return {"status": self.status, "checkpoint_uri": self.checkpoint_uri, "metrics": self.metrics,
@@ -152,11 +154,9 @@ class ModelRun:
         from . import pointers
 
         try:
-            raw = commits.read_manifest_bytes(self.store, self.prefix)
-            manifest = fmt.parse_manifest(raw, self.store.url(self.prefix + commits.MANIFEST))
-            pointers.publish(self.store, pointers.entry_for(
-                self.store, self.spec.name, self.prefix, manifest, raw,
-                config_hash=self.spec.config.config_hash(), ratio=out.metrics.get("ratio")))
+            entry = pointers.publish_committed(self.store, self.spec.name, self.prefix,
+                                               config_hash=self.spec.config.config_hash(), ratio=out.metrics.get("ratio"))
+            out.manifest_sha256, out.source_sha256 = entry["manifest_sha256"], entry["source_sha256"]
         except Exception as exc:  # the checkpoint is committed: a stale pointer is reported, not fatal
             log.warning("%s: the latest pointer and zoo index were not updated: %s", self.spec.name, redact(exc))
 

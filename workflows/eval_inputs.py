@@ -40,11 +40,6 @@ class CheckpointFromStore:
     manifest_sha256: str
     cache_dir: str | None = None
 
-    def local_dir(self) -> Path:
-        from .checkpoint_cache import cached_dir
-
-        return cached_dir(self.manifest_sha256, self.cache_dir)
-
     def fetch(self) -> Path:
         """This node's copy, downloaded and verified once, checked again on each reuse
         (:func:`workflows.checkpoint_cache.cached_checkpoint`: the one cache that

@@ -114,6 +114,21 @@ def publish(store: Store, entry: dict) -> bool:
     return wrote
 
 
+def publish_committed(store: Store, model: str, prefix: str, *, config_hash: str,
+                      ratio: float | None) -> dict[str, Any]:
+    """Point ``model`` at the checkpoint committed under ``prefix`` (its manifest read once,
+    here); returns the entry."""
+    from compressor import format as fmt
+
+    from .commit import MANIFEST, read_manifest_bytes
+
+    raw = read_manifest_bytes(store, prefix)
+    manifest = fmt.parse_manifest(raw, store.url(prefix + MANIFEST))
+    entry = entry_for(store, model, prefix, manifest, raw, config_hash=config_hash, ratio=ratio)
+    publish(store, entry)
+    return entry
+
+
 def read_latest(store: Store, model: str) -> dict:
     """The model's pointer, validated; :class:`StoreError` when there is none."""
     got = store.read(latest_key(model), _MAX_BYTES)

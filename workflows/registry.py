@@ -148,8 +148,11 @@ def register_outcome(tracker, run_id: str | None, out, store=None) -> str | None
         log.debug("%s: a local store's checkpoint is not registered", out.name)
         return None
     try:
-        version = register_checkpoint(tracker.client, out.name, uri, run_id, {"birkhoff.status": out.status},
-                                      store=store)
+        tags = {"birkhoff.status": out.status}
+        if getattr(out, "source_sha256", None):
+            tags[TAG_SOURCE_SHA] = out.source_sha256
+        version = register_checkpoint(tracker.client, out.name, uri, run_id, tags, store=store,
+                                      manifest_sha256=getattr(out, "manifest_sha256", None))
     except Exception as exc:
         log.warning("%s: registering %s in the MLflow registry failed: %s", out.name, redact_uri(uri),
                     redact(exc))

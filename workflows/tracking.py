@@ -169,9 +169,7 @@ class Tracker:
             (Path(d) / "shards.json").write_text(json.dumps(shard_stats, indent=1, sort_keys=True))
             self.log_artifacts(run_id, d)
         # the same rows as a table the UI previews (a Parquet file it only offers to download)
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        self.client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in columns},
-                              artifact_file="tensor_report.json")
+        mb.log_rows(self.client, run_id, rows, "tensor_report.json")
 
 
 def plot_tensor_report(rows: list[dict], path, title: str = "") -> Path:

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from compressor.codec import CODEC_VERSION
+from eval_jobs import mlflow_batches as mb
 
 from .cluster import connect_ray, wait_for_warm_workers
 from .driver import ModelOutcome, ModelRun, RunOptions
@@ -52,7 +53,7 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
         if tracker:
             try:
                 tracker.log_metrics(parent, zt.parent_metrics(outcomes))
-                tracker.client.log_table(parent, data=zt.summary_table(outcomes), artifact_file="models.json")
+                mb.log_rows(tracker.client, parent, zt.summary_rows(outcomes), "models.json")
                 tracker.finish(parent, status)
             except Exception as exc:
                 log.warning("could not close the MLflow parent run: %s", redact(exc))
@@ -96,7 +97,7 @@ def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, op
     t0 = time.perf_counter()
     try:
         log.info("%s: evaluating on %s", spec.name, ", ".join(spec.eval))
-        results, _ = _evaluate_on_cluster(zoo, spec, mrun, opts, tracker, child)
+        results, _ = _evaluate_on_cluster(zoo, spec, mrun, out, opts, tracker, child)
         out.eval_metrics = dict(results.metrics)
         log.info("%s: evaluated in %.1f s%s", spec.name, time.perf_counter() - t0,
                  "".join(f", {k} {v:.4f}" for k, v in sorted(results.metrics.items())
@@ -112,7 +113,8 @@ def _evaluate(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, op
                 log.warning("could not tag the eval failure: %s", redact(tag_exc))
 
 
-def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", opts: RunOptions, tracker, child: str | None):
+def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", out: ModelOutcome, opts: RunOptions, tracker,
+                         child: str | None):
     from eval_jobs.datasets import DatasetSpec
     from eval_jobs.provenance import weights_kind
     from eval_jobs.runner import ModelUnderTest, evaluate_and_log
@@ -124,7 +126,7 @@ def _evaluate_on_cluster(zoo: Zoo, spec: ModelSpec, mrun: "ModelRun", opts: RunO
     cache = str(opts.cache_dir) if opts.cache_dir else None
     # this node's copies: the driver plans the images and scores mAP from the annotations
     specs = tuple(DatasetSpec.parse(resolve_dataset(zoo, name, cache_dir=opts.cache_dir)) for name in spec.eval)
-    manifest_sha = hashlib.sha256(read_manifest_bytes(opts.store, mrun.prefix)).hexdigest()
+    manifest_sha = out.manifest_sha256 or hashlib.sha256(read_manifest_bytes(opts.store, mrun.prefix)).hexdigest()
     model = ModelUnderTest(opts.store.url(mrun.prefix), redact_uri(spec.source), specs, spec.name,
                            weights=weights_kind(mrun.local_source))
     return evaluate_and_log(

@@ -56,16 +56,12 @@ def parent_metrics(outcomes: Iterable[ModelOutcome]) -> dict[str, float]:
     return out
 
 
-def summary_table(outcomes: Iterable[ModelOutcome]) -> dict[str, list]:
-    """One row per model (columns: model, status, the headline figures, the box prompt's
-    evaluation figures per dataset, the checkpoint URI), as ``log_table`` takes it."""
-    rows = []
-    for o in outcomes:
-        row = {"model": o.name, "status": o.status, **{k: o.metrics.get(k) for k in HEADLINE},
-               **_eval_headline(o), "checkpoint_uri": o.checkpoint_uri, "error": o.error or o.eval_error}
-        rows.append(row)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    return {c: [r.get(c) for r in rows] for c in columns}
+def summary_rows(outcomes: Iterable[ModelOutcome]) -> list[dict]:
+    """One row per model: model, status, the headline figures, the box prompt's evaluation
+    figures per dataset, the checkpoint URI."""
+    return [{"model": o.name, "status": o.status, **{k: o.metrics.get(k) for k in HEADLINE},
+             **_eval_headline(o), "checkpoint_uri": o.checkpoint_uri, "error": o.error or o.eval_error}
+            for o in outcomes]
 
 
 def zoo_provenance(zoo_path: str) -> dict[str, str]:
