@@ -127,7 +127,10 @@ class SeaweedFS:
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={cfg}",
-            "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+            # a fixed volume count: with -volume.max=0 SeaweedFS sizes it from the free disk,
+            # and each new bucket claims 7 volumes, so on a machine with a few GB free every
+            # upload to the sixth bucket failed with InternalError (tests/workflows/test_local_seaweed.py)
+            "-master.volumeSizeLimitMB=64", "-volume.max=1000", "-volume.preStopSeconds=0",
         ]
         logf = open(d / "weed.log", "ab")
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

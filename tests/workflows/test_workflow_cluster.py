@@ -197,10 +197,11 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(accept, mlflow_serve
     skipped = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
     assert sorted(r.data.tags["mlflow.runName"] for r in skipped) == sorted(GOOD)
     assert all(r.data.tags["birkhoff.status"] == "skipped" for r in skipped)
-    _runs_line_up_night_after_night(c, parents, first_parent, second_parent, children, skipped)
+    _runs_line_up_night_after_night(c, parents, first_parent, second_parent, children, skipped,
+                                    zoo_file=str((accept["dir"] / "zoo.yaml").resolve()))
 
 
-def _runs_line_up_night_after_night(c, parents, first_parent, second_parent, children, skipped):
+def _runs_line_up_night_after_night(c, parents, first_parent, second_parent, children, skipped, zoo_file):
     """Issue 13: one run per model per night holds the compression and the evaluation
     figures together, under stable names and tags; parents are dated and hold a table."""
     import re
@@ -211,7 +212,8 @@ def _runs_line_up_night_after_night(c, parents, first_parent, second_parent, chi
         pm = parent.data.metrics
         assert pm["sam-shapes/ratio"] > 2.5 and pm["sam-shapes/fidelity_miou/coco-val-mini/box"] >= 0.9, pm
         assert "models.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
-        assert parent.data.params["zoo_sha256"] and not parent.data.params["zoo_file"].startswith("/tmp")
+        # the path the user gave (it lies outside the job's working dir), never the Ray job's temp copy
+        assert parent.data.params["zoo_sha256"] and parent.data.params["zoo_file"] == zoo_file, parent.data.params
     later = {r.data.tags["mlflow.runName"]: r for r in skipped}
     for name in GOOD:
         first, second = children[name], later[name]
