@@ -97,7 +97,16 @@ def compress_tensors(
 ) -> dict[str, TensorEntry]:
     """Compress the named tensors of a source (all when ``names`` is None), reading
     only those tensors. ``timings['seconds']`` accumulates the codec time."""
-    kernels = _kernels(backend)
+    from .codec_v2.config import CodecV2Config
+
+    v2 = isinstance(config, CodecV2Config)
+    if v2:
+        from .checkpoint_v2 import encode_one
+        from .codec_v2.kernels import resolve
+
+        kernels = resolve(backend if isinstance(backend, str) else getattr(backend, "name", "auto"))
+    else:
+        kernels = _kernels(backend)
     index = {i.name: i for i in source.tensor_index()}
     wanted = list(index) if names is None else list(names)
     total = sum(index[n].numel for n in wanted if n in index)
@@ -107,7 +116,10 @@ def compress_tensors(
         for name, tensor in source.read(wanted):
             bar.set_postfix_str(name[-48:], refresh=False)
             t0 = time.perf_counter()
-            out[name] = compress_tensor(name, tensor, config, kernels, file=index[name].file)
+            if v2:
+                out[name] = encode_one(name, tensor, config, kernels, file=index[name].file)
+            else:
+                out[name] = compress_tensor(name, tensor, config, kernels, file=index[name].file)
             spent += time.perf_counter() - t0
             bar.update(index[name].numel)
     if timings is not None:
@@ -133,7 +145,7 @@ def directory_bytes(directory) -> int:
 @dataclass
 class CompressedCheckpoint:
     entries: dict[str, TensorEntry]
-    config: HyperCompressionConfig
+    config: "HyperCompressionConfig | CodecV2Config"
     source_info: dict = field(default_factory=dict)
     extra_files: dict[str, Path | bytes] = field(default_factory=dict)
     compress_seconds: float = 0.0
@@ -201,6 +213,10 @@ class CompressedCheckpoint:
             data = stored[name]
             if m["raw"]:
                 entries[name] = RawTensor(name, data, m.get("raw_reason", "raw"))
+            elif m.get("codec") == "v2":
+                from .codec_v2.entry import V2Entry
+
+                entries[name] = V2Entry(name, data, float(m["abs_error_sum"]))
             else:
                 theta = np.asarray(data)
                 entries[name] = CompressedTensor(
@@ -210,7 +226,8 @@ class CompressedCheckpoint:
                     mae=float(m["mae"]), abs_error_sum=float(m["abs_error_sum"]), theta=theta,
                 )
         extra = {n: directory / n for n in manifest.get("extra_files", {})}
-        return cls(entries, HyperCompressionConfig.from_dict(manifest["config"]), manifest.get("source", {}), extra)
+        config = fmt.config_class(manifest["format_version"]).from_dict(manifest["config"])
+        return cls(entries, config, manifest.get("source", {}), extra)
 
     # -- views -------------------------------------------------------------------
     def state_dict(self, backend: str | Kernels = "auto") -> dict[str, torch.Tensor]:
@@ -223,12 +240,21 @@ class CompressedCheckpoint:
 
 
 
-def compress(source, config: HyperCompressionConfig | None = None, *, backend: str | Kernels = "auto",
-             progress: bool = False) -> CompressedCheckpoint:
-    """Compress a model (``nn.Module``), a state dict, or a checkpoint path / Hub id.
+def compress(source, config: "HyperCompressionConfig | CodecV2Config | None" = None, *,
+             backend: str | Kernels = "auto", progress: bool = False) -> CompressedCheckpoint:
+    """Compress a model (``nn.Module``), a state dict, or a checkpoint path / Hub id,
+    with the paper's codec (a ``HyperCompressionConfig``, the default) or codec v2
+    (a :class:`~compressor.codec_v2.CodecV2Config`).
 
     Buffers of a module and non-float tensors stay raw; the input is never modified.
     """
+    from .codec_v2.config import CodecV2Config
+
+    if isinstance(config, CodecV2Config):
+        from .checkpoint_v2 import compress_v2
+
+        return compress_v2(source, config, progress=progress,
+                           backend=backend if isinstance(backend, str) or hasattr(backend, "value") else "auto")
     config = config or HyperCompressionConfig()
     kernels = _kernels(backend)
     timings: dict = {}

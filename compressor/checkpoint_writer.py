@@ -26,8 +26,8 @@ import torch
 from . import format as fmt
 from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
-from .codec import CODEC_VERSION, TensorEntry
-from .config import HyperCompressionConfig
+from .codec import TensorEntry
+from .config import HyperCompressionConfig  # noqa: F401  (annotations)
 
 
 class CheckpointSink(Protocol):
@@ -66,10 +66,19 @@ def stored_nbytes(entry: TensorEntry) -> int:
     """Bytes an entry takes in a shard (known without packing it)."""
     if entry.raw:
         return entry.tensor.numel() * entry.tensor.element_size()
+    if hasattr(entry, "stored_bytes"):  # codec v2
+        return entry.stored_bytes
     return qp.packed_nbytes(entry.n_points, entry.bits)
 
 
-def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_meta: Mapping[str, dict],
+def format_version_of(config) -> int:
+    """The format version a codec's config writes (the paper's: 1, codec v2: 2)."""
+    from .codec_v2.config import CodecV2Config
+
+    return fmt.FORMAT_VERSION_V2 if isinstance(config, CodecV2Config) else fmt.FORMAT_VERSION
+
+
+def build_manifest(config: "HyperCompressionConfig | CodecV2Config", source_info: dict, tensor_meta: Mapping[str, dict],
                    shard_records: Iterable[dict], extra_files: Mapping[str, dict],
                    committed_at: str | None = None) -> dict:
     """``committed_at``: the commit's UTC time (ISO 8601), recorded by a store commit
@@ -79,11 +88,12 @@ def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_met
     producer = {"name": "birkhoff", "version": __version__}
     if committed_at is not None:
         producer["committed_at"] = committed_at
+    version = format_version_of(config)
     return {
         "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": version,
         "producer": producer,
-        "codec_version": CODEC_VERSION,
+        "codec_version": fmt.CODEC_OF_FORMAT[version],
         "config": config.to_dict(),
         "source": dict(source_info),
         "extra_files": dict(extra_files),
@@ -92,7 +102,8 @@ def build_manifest(config: HyperCompressionConfig, source_info: dict, tensor_met
     }
 
 
-def write_extra_files(directory, extra: Mapping[str, "Path | bytes"], tensor_shards: Mapping[str, str]) -> dict:
+def write_extra_files(directory, extra: Mapping[str, "Path | bytes"], tensor_shards: Mapping[str, str],
+                      format_version: int | None = None) -> dict:
     """Write a checkpoint's extra files into ``directory``; returns the manifest's
     ``extra_files`` records (bytes and sha256 of what was written).
 
@@ -105,7 +116,7 @@ def write_extra_files(directory, extra: Mapping[str, "Path | bytes"], tensor_sha
 
     directory = Path(directory)
     records = {}
-    for name, content in checkpoint_files(extra, tensor_shards).items():
+    for name, content in checkpoint_files(extra, tensor_shards, format_version).items():
         if isinstance(content, (bytes, bytearray)):
             records[name] = fmt.write_extra_bytes(bytes(content), directory, name)
         else:
@@ -151,7 +162,7 @@ class CheckpointWriter:
         self.records[record["file"]] = {"file": record["file"], "bytes": record["bytes"], "sha256": record["sha256"]}
         self.tensor_meta.update(tensor_meta)
 
-    def finish(self, config: HyperCompressionConfig, source_info: dict, extra_files: Mapping[str, "Path | bytes"],
+    def finish(self, config: "HyperCompressionConfig | CodecV2Config", source_info: dict, extra_files: Mapping[str, "Path | bytes"],
                tensor_order: Iterable[str], committed_at: str | None = None) -> tuple[dict, Any]:
         """Write the extra files and the manifest (tensors in ``tensor_order``, every
         one of which must be in a shard by now) and commit through the sink.
@@ -160,7 +171,8 @@ class CheckpointWriter:
             raise RuntimeError("CheckpointWriter.finish called twice")
         self._finished = True
         meta = {n: self.tensor_meta[n] for n in tensor_order}
-        extras = write_extra_files(self.staging, extra_files, {n: m["shard"] for n, m in meta.items()})
+        extras = write_extra_files(self.staging, extra_files, {n: m["shard"] for n, m in meta.items()},
+                                   format_version_of(config))
         manifest = build_manifest(config, source_info, meta, self.records.values(), extras, committed_at)
         fmt.write_manifest(self.staging, manifest)
         return manifest, self.sink.commit(self.staging, manifest)

@@ -41,16 +41,17 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json is kilobytes; refuse to slu
 Content = Union[Path, bytes]
 
 
-def quantization_config() -> dict:
-    """The ``quantization_config`` block written into ``config.json``."""
+def quantization_config(format_version: int | None = None) -> dict:
+    """The ``quantization_config`` block written into ``config.json`` (the paper
+    codec's format unless ``format_version`` names another)."""
     from . import format as fmt
-    from .codec import CODEC_VERSION
 
+    version = fmt.FORMAT_VERSION if format_version is None else format_version
     return {
         "quant_method": QUANT_METHOD,
         "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
-        "codec_version": CODEC_VERSION,
+        "format_version": version,
+        "codec_version": fmt.CODEC_OF_FORMAT[version],
         "manifest": fmt.MANIFEST_NAME,
         "original_config": ORIGINAL_CONFIG_NAME,
     }
@@ -86,7 +87,7 @@ def _parse_config(raw: bytes, where: str) -> dict:
     return cfg
 
 
-def config_with_quantization(original: bytes, where: str = CONFIG_NAME) -> bytes:
+def config_with_quantization(original: bytes, where: str = CONFIG_NAME, format_version: int | None = None) -> bytes:
     """``config.json`` bytes: the original config plus the Birkhoff ``quantization_config``.
 
     A source whose config already names another quantization method holds
@@ -98,7 +99,7 @@ def config_with_quantization(original: bytes, where: str = CONFIG_NAME) -> bytes
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         raise SourceError(f"the source is already quantized (quantization_config method {method!r}); "
                           "Birkhoff compresses float checkpoints", file=where)
-    cfg["quantization_config"] = quantization_config()
+    cfg["quantization_config"] = quantization_config(format_version)
     # transformers writes its configs this way (indent 2, sorted keys)
     return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
 
@@ -112,7 +113,8 @@ def weights_index(tensor_shards: Mapping[str, str]) -> bytes:
     return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
 
 
-def checkpoint_files(extra: Mapping[str, Content], tensor_shards: Mapping[str, str]) -> dict[str, Content]:
+def checkpoint_files(extra: Mapping[str, Content], tensor_shards: Mapping[str, str],
+                     format_version: int | None = None) -> dict[str, Content]:
     """The extra files a checkpoint stores, given the source's (``name -> path or
     bytes``) and where each tensor went (``tensor -> shard file``).
 
@@ -131,7 +133,7 @@ def checkpoint_files(extra: Mapping[str, Content], tensor_shards: Mapping[str, s
         return files
     where = source_name if isinstance(content, (bytes, bytearray)) else os.fspath(content)
     original = _read_config(content, source_name)  # read once: both files come from the same bytes
-    files[CONFIG_NAME] = config_with_quantization(original, where)
+    files[CONFIG_NAME] = config_with_quantization(original, where, format_version)
     files[ORIGINAL_CONFIG_NAME] = original
     files[WEIGHTS_INDEX_NAME] = weights_index(tensor_shards)
     return files

@@ -77,12 +77,13 @@ class BirkhoffConfig(QuantizationConfigMixin):
         where = f"{CONFIG_NAME} (quantization_config)"
         if format != fmt.FORMAT_NAME:
             raise UnknownFormatError(f"format {format!r} is not {fmt.FORMAT_NAME!r}", file=where)
-        if format_version != fmt.FORMAT_VERSION:
-            raise UnknownFormatError(f"format_version {format_version!r} is unknown; this build reads version "
-                                     f"{fmt.FORMAT_VERSION}", file=where)
-        if codec_version != CODEC_VERSION:
-            raise UnknownFormatError(f"codec_version {codec_version!r} is unknown; this build decodes version "
-                                     f"{CODEC_VERSION}", file=where)
+        if format_version not in fmt.CODEC_OF_FORMAT:
+            raise UnknownFormatError(f"format_version {format_version!r} is unknown; this build reads versions "
+                                     f"{sorted(fmt.CODEC_OF_FORMAT)}", file=where)
+        if codec_version != fmt.CODEC_OF_FORMAT[format_version]:
+            raise UnknownFormatError(f"codec_version {codec_version!r} is unknown in format version "
+                                     f"{format_version}; this build decodes version "
+                                     f"{fmt.CODEC_OF_FORMAT[format_version]} there", file=where)
         if manifest != fmt.MANIFEST_NAME:
             raise UnknownFormatError(f"manifest {manifest!r} is not {fmt.MANIFEST_NAME!r}", file=where)
         kwargs.pop("quant_method", None)
@@ -194,13 +195,15 @@ class BirkhoffHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """HyperLinear layers back to ``nn.Linear`` with decoded float weights (``model.dequantize()``)."""
         from .hyperlinear import HyperLinear
+        from .hyperlinear.lattice_module import LatticeLinear
 
         for name, mod in list(model.named_modules()):
-            if not isinstance(mod, HyperLinear):
+            if not isinstance(mod, (HyperLinear, LatticeLinear)):
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            w = mod.dequantize(dtype=dtype)
+            w = mod.dequantize(dtype=dtype or torch.float32) if isinstance(mod, LatticeLinear) else \
+                mod.dequantize(dtype=dtype)
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device,
                             dtype=w.dtype)
             with torch.no_grad():

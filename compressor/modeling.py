@@ -109,7 +109,13 @@ def hyperlinear_targets(model: nn.Module, compressed_rows: Mapping[str, tuple]) 
 def compressed_rows_of(entries: Mapping[str, TensorEntry]) -> dict[str, tuple]:
     """``tensor name -> shape`` of the compressed tensors in the linear rows layout."""
     return {n: tuple(e.shape) for n, e in entries.items()
-            if isinstance(e, CompressedTensor) and e.layout == qp.LAYOUT_ROWS}
+            if (isinstance(e, CompressedTensor) and e.layout == qp.LAYOUT_ROWS) or (_is_v2(e) and len(e.shape) == 2)}
+
+
+def _is_v2(entry) -> bool:
+    from .codec_v2.entry import V2Entry
+
+    return isinstance(entry, V2Entry)
 
 
 def put_slots(model: nn.Module, names) -> None:
@@ -189,8 +195,13 @@ def fill_slots(model: nn.Module, checkpoint, *, backend: str = "auto", device=No
             bias = entries[bname].decode(kernels)
         w = getattr(mod, "weight", None)
         dev = target or (w.device if w is not None and not w.is_meta else torch.device("cpu"))
-        setattr(parent, attr, HyperLinear.from_compressed(entries[f"{name}.weight"], bias, backend=backend,
-                                                          device=dev))
+        weight = entries[f"{name}.weight"]
+        if _is_v2(weight):  # codec v2: the fixed-width lattice form, never float weights
+            from .hyperlinear.lattice_module import LatticeLinear
+
+            setattr(parent, attr, LatticeLinear.from_entry(weight, bias, device=dev, name=f"{name}.weight"))
+        else:
+            setattr(parent, attr, HyperLinear.from_compressed(weight, bias, backend=backend, device=dev))
         replaced.append(name)
     slots = [n for n, m in model.named_modules() if isinstance(m, HyperLinearSlot)]
     if slots:
@@ -200,7 +211,9 @@ def fill_slots(model: nn.Module, checkpoint, *, backend: str = "auto", device=No
 
 
 def _hyperlinear_keys(replaced) -> set[str]:
-    return {f"{n}.{s}" for n in replaced for s in ("weight", "bias", "theta", "codec")}
+    from .hyperlinear.lattice_module import BUFFERS
+
+    return {f"{n}.{s}" for n in replaced for s in ("weight", "bias", "theta", "codec", *BUFFERS)}
 
 
 def _unexpected(model: nn.Module, entries: Mapping, replaced) -> list[str]:

@@ -54,8 +54,10 @@ class FidelityReport:
 
 def fidelity_check(model_dir: str | Path, config, *, n_images: int = HELDOUT_IMAGES, seed: int = HELDOUT_SEED,
                    work_dir: str | Path | None = None, max_drop: float = MAX_DROP) -> FidelityReport:
-    """Compress ``model_dir`` with ``config`` (a ``HyperCompressionConfig``) and measure the box-prompt drop."""
+    """Compress ``model_dir`` with ``config`` (a ``HyperCompressionConfig`` or a
+    ``CodecV2Config``) and measure the box-prompt drop."""
     from compressor.checkpoint import compress
+    from compressor.codecs import config_to_dict
 
     from compressor.format import read_manifest
 
@@ -82,7 +84,7 @@ def fidelity_check(model_dir: str | Path, config, *, n_images: int = HELDOUT_IMA
         m = model_under_test(str(comp), [DatasetSpec.parse("heldout=" + syn.spec("coco"))], original=str(model_dir))
         r = run_eval([m], EvalConfig(prompts="box", overlay_images=0))[0]
     met = r.metrics
-    rep = FidelityReport(config.to_dict(), met["miou_original/heldout/box"], met["miou/heldout/box"],
+    rep = FidelityReport(config_to_dict(config), met["miou_original/heldout/box"], met["miou/heldout/box"],
                          met["miou_drop/heldout/box"], met["fidelity_miou/heldout/box"], r.counts["heldout/box"],
                          n_images, encoded / max(total, 1), src_bytes / max(comp_bytes, 1), max_drop)
     log.info("fidelity check %s: %s", "passed" if rep.passed else "FAILED", rep.describe())

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 from compressor import format as fmt
-from compressor.codec import CODEC_VERSION
+from compressor.checkpoint_writer import format_version_of
+from compressor.codecs import codec_of, codec_version_of, config_to_dict
 from compressor.stats import manifest_stats, size_ratio
 
 from . import commit as commits
@@ -123,7 +124,7 @@ class ModelOutcome:
 
 
 def checkpoint_prefix(model: str, source_hash: str, config) -> str:
-    return f"{model}/{source_hash[:16]}/{config.config_hash()}-codec{CODEC_VERSION}/"
+    return f"{model}/{source_hash[:16]}/{config.config_hash()}-codec{codec_version_of(config)}/"
 
 
 # -- one model --------------------------------------------------------------------------
@@ -213,7 +214,8 @@ class ModelRun:
         params = {
             "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
             "source_kind": src.kind, "config": spec.config.to_dict(), "config_hash": spec.config.config_hash(),
-            "codec_version": CODEC_VERSION, "format_version": fmt.FORMAT_VERSION, "git_commit": self.opts.git_commit,
+            "codec": codec_of(spec.config), "codec_version": codec_version_of(spec.config),
+            "format_version": format_version_of(spec.config), "git_commit": self.opts.git_commit,
             "checkpoint_uri": uri, "eval_datasets": list(spec.eval),
         }
         weights = weights_kind(local)  # trained / random-init / unknown: tagged, so figures are read right
@@ -223,7 +225,8 @@ class ModelRun:
             self.tracker.log_params(self.child_run, params)
             # stable tags, the same night after night: the UI's compare view and charts line up on them
             stable = {"model": spec.name, "source_sha": source_hash, "config_hash": spec.config.config_hash(),
-                      "codec": f"hypercompression-v{CODEC_VERSION}", "git_commit": self.opts.git_commit}
+                      "codec": f"hypercompression-v{codec_version_of(spec.config)}",
+                      "git_commit": self.opts.git_commit}
             self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **provenance_tags(weights),
                                                    **stable, **spec.tags})
         return params
@@ -292,7 +295,7 @@ class ModelRun:
         def job_for(s: Shard) -> CompressJob:
             return CompressJob(
                 model=spec.name, source=spec.source, source_sha256=self.source_hash, revision=spec.revision,
-                config=spec.config.to_dict(), store=store.spec(), prefix=self.prefix,
+                config=config_to_dict(spec.config), store=store.spec(), prefix=self.prefix,
                 unit=WorkUnit(s.index, s.count, tuple(s.names), s.stem, s.names_hash),
                 expected={n: expected_of[n] for n in s.names}, backend=self.opts.backend,
                 cache_dir=self.opts.cache_dir, log_level=self.opts.log_level, cpus=self.opts.cpus_per_task)
@@ -354,7 +357,7 @@ class ModelRun:
                 rec = ShardResult.from_json(self.store.get_bytes(key), self.store.url(key))
                 info = self.store.head(prefix + rec.record.file)
                 ok = (rec.names_hash == s.names_hash and rec.config_hash == self.spec.config.config_hash()
-                      and rec.codec_version == CODEC_VERSION and info is not None
+                      and rec.codec_version == codec_version_of(self.spec.config) and info is not None
                       and info.size == rec.record.bytes and info.sha256 == rec.record.sha256
                       and set(rec.tensor_meta) == set(s.names))
             except (StoreError, ResumeRecordError) as exc:
@@ -428,7 +431,8 @@ def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> ShardResul
     """A kept shard of a committed checkpoint, as a task's result."""
     rec = manifest["shards"][file]
     return ShardResult(
-        model="", unit_index=shard.index, names_hash=shard.names_hash, config_hash="", codec_version=CODEC_VERSION,
+        model="", unit_index=shard.index, names_hash=shard.names_hash, config_hash="",
+        codec_version=manifest["codec_version"],
         record=ShardRecord(file, rec["bytes"], rec["sha256"]),
         tensor_meta={n: manifest["tensors"][n] for n in shard.names},
         stats={"params": shard.numel, "compress_seconds": 0.0, "wall_seconds": 0.0, "peak_rss_bytes": 0,

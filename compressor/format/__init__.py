@@ -15,6 +15,11 @@ The manifest (canonical JSON, ``sort_keys``, ``indent=1``)::
      "shards": {name: {"bytes", "sha256" (whole file)}},
      "tensors": {name: CompressedTensor.meta() | RawTensor.meta() + {"shard", "sha256"}}}
 
+Format version 2 is the same layout for codec v2 (``codec_version`` 2, ``config``
+a ``CodecV2Config``): a compressed entry is ``V2Entry.meta()`` (codec, shape,
+dtype, role, q, stored_bytes, figures) and its shard array is the tensor's
+self-validating byte form (``compressor.codec_v2``), 1-D uint8.
+
 In a shard a compressed tensor is a 1-D uint8 array of its bit-packed indices
 (``ceil(n_points * bits / 8)`` bytes); a raw tensor is stored as itself. A
 tensor's sha256 is over its stored bytes (C order, little endian).
@@ -34,10 +39,12 @@ as fmt``).
 
 from __future__ import annotations
 
-from .manifest import manifest_entry, parse_manifest, read_manifest, write_manifest
+from .manifest import config_class, manifest_entry, parse_manifest, read_manifest, write_manifest
 from .schema import (
+    CODEC_OF_FORMAT,
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMAT_VERSION_V2,
     MANIFEST_NAME,
     SHARD_SUFFIX,
     LoadLimits,
@@ -56,7 +63,7 @@ from .shards import (
 )
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_SUFFIX", "LoadLimits", "copy_extra_file",
+    "CODEC_OF_FORMAT", "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_VERSION_V2", "MANIFEST_NAME", "config_class", "SHARD_SUFFIX", "LoadLimits", "copy_extra_file",
     "is_plain_name", "json_nodes", "load_stored_tensors", "manifest_entry", "parse_manifest", "plan_shards",
     "read_manifest", "stored_tensor", "tensor_sha256", "verify_extra_files", "write_extra_bytes", "write_manifest",
     "write_shard",

@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .. import quant_primitives as qp
-from ..codec import CODEC_VERSION, CompressedTensor, RawTensor
+from ..codec import CompressedTensor, RawTensor
 from ..config import HyperCompressionConfig, _short  # one cut-short repr for every error message
 from ..dtypes import DTYPES, FLOAT_NAMES
 from ..errors import ConfigError, DuplicateTensorError, ManifestError, SizeLimitError, UnknownFormatError
@@ -19,11 +19,13 @@ from .schema import (
     _COMPRESSED_KEYS,
     _RAW_KEYS,
     _SAFETENSORS_METADATA,
+    _V2_KEYS,
     _SHA256,
     _TOP_REQUIRED,
     _WRITE_LIMITS,
+    CODEC_OF_FORMAT,
     FORMAT_NAME,
-    FORMAT_VERSION,
+    FORMAT_VERSION_V2,
     MANIFEST_NAME,
     SHARD_SUFFIX,
     LoadLimits,
@@ -82,6 +84,9 @@ class _Spec(NamedTuple):
     n_points: int = 0
     bits: int = 0
     n_codes: int = 0  # U * (K + 1): every index must be below it
+    codec: str = "v1"  # how a non-raw entry decodes: "v1" (the paper's) or "v2" (compressor.codec_v2)
+    decoded_shape: tuple[int, ...] = ()  # v2: the shape its stored header must declare
+    role: str = ""  # v2: the role its stored header must declare
 
 
 def _check_sha(v: Any, path: str, what: str, tensor: str | None = None) -> str:
@@ -132,8 +137,10 @@ def _check_size(nbytes: int, what: str, path: str, name: str, limits: LoadLimits
                              file=path, tensor=name)
 
 
-def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) -> tuple[_Spec, int]:
-    """Validate one tensor entry; returns its spec and its decoded size in bytes."""
+def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits,
+                version: int) -> tuple[_Spec, int]:
+    """Validate one tensor entry of a manifest of format ``version``; returns its spec
+    and its decoded size in bytes."""
 
     def bad(msg: str) -> ManifestError:
         return ManifestError(msg, file=path, tensor=name)
@@ -143,14 +150,14 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
     raw = e.get("raw")
     if not isinstance(raw, bool):
         raise bad(f"'raw' must be true or false, got {_short(raw)}")
-    keys = _RAW_KEYS if raw else _COMPRESSED_KEYS
+    keys = _RAW_KEYS if raw else (_V2_KEYS if version == FORMAT_VERSION_V2 else _COMPRESSED_KEYS)
     missing = keys - set(e)
     if missing:
         raise bad(f"entry lacks {sorted(missing)}")
     # an unknown key could change how the entry decodes: refuse rather than ignore it
     unknown = set(e) - keys
     if unknown:
-        raise bad(f"entry has unknown keys {sorted(unknown)} (format version {FORMAT_VERSION})")
+        raise bad(f"entry has unknown keys {sorted(unknown)} (format version {version})")
     shard = e["shard"]
     if not is_plain_name(shard):
         raise bad(f"shard {_short(shard)} is not a plain file name (no path separators, no '..')")
@@ -171,6 +178,8 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
 
     if dtype not in FLOAT_NAMES:
         raise bad(f"a compressed tensor must have a float dtype, got {_short(dtype)}")
+    if version == FORMAT_VERSION_V2:
+        return _v2_spec(name, e, shard, sha, dtype, shape, path, limits, bad), decoded
     n_points = _check_layout(e, shape, bad)
     n_codes, bits = _check_codes(e, limits, bad, path, name)
     _check_geometry(e, bad)
@@ -178,6 +187,31 @@ def _entry_spec(name: str, e: Any, shards: dict, path: str, limits: LoadLimits) 
     _check_size(packed, "packed index stream", path, name, limits)
     spec = _Spec(name, shard, sha, False, dtype, (packed,), packed, n_points, bits, n_codes)
     return spec, decoded
+
+
+def _v2_spec(name: str, e: dict, shard: str, sha: str, dtype: str, shape: tuple[int, ...], path: str,
+             limits: LoadLimits, bad: Callable[[str], ManifestError]) -> _Spec:
+    """A codec-v2 entry: its byte form's length, and the fields its stored header
+    must repeat (checked again when the shard is read)."""
+    from ..codec_v2.layout import ROLES
+
+    if e["codec"] != "v2":
+        raise bad(f"codec {_short(e['codec'])} is unknown in format version {FORMAT_VERSION_V2}; this build "
+                  "decodes 'v2'")
+    if len(shape) < 1 or _numel(shape) < 2:
+        raise bad(f"a v2 tensor has at least 2 elements, got shape {list(shape)}")
+    if e["role"] not in ROLES:
+        raise bad(f"role {_short(e['role'])} is not one of {list(ROLES)}")
+    n = e["stored_bytes"]
+    if not _is_int(n) or n < 1:
+        raise bad(f"stored_bytes must be an integer >= 1, got {_short(n)}")
+    _check_size(n, "v2 byte form", path, name, limits)
+    if not _is_int(e["n_escapes"]) or e["n_escapes"] < 0:
+        raise bad(f"n_escapes must be an integer >= 0, got {_short(e['n_escapes'])}")
+    for key in ("q", "bits_per_weight", "abs_error_sum", "mae"):  # reported figures, read as floats
+        if not (_is_finite_num(e[key]) and e[key] >= 0):
+            raise bad(f"{key!r} must be a finite number >= 0, got {_short(e[key])}")
+    return _Spec(name, shard, sha, False, dtype, (n,), n, codec="v2", decoded_shape=shape, role=e["role"])
 
 
 def _check_layout(e: dict, shape: tuple[int, ...], bad: Callable[[str], ManifestError]) -> int:
@@ -250,30 +284,38 @@ def _check_top(manifest: Any, path: str) -> None:
     if fmt != FORMAT_NAME:
         raise UnknownFormatError(f"format {_short(fmt)} is not {FORMAT_NAME!r}", file=path)
     ver = manifest.get("format_version")
-    if not _is_int(ver) or ver != FORMAT_VERSION:
-        raise UnknownFormatError(f"format_version {_short(ver)} is unknown; this build reads version {FORMAT_VERSION}",
-                                 file=path)
+    if not _is_int(ver) or ver not in CODEC_OF_FORMAT:
+        raise UnknownFormatError(f"format_version {_short(ver)} is unknown; this build reads versions "
+                                 f"{sorted(CODEC_OF_FORMAT)}", file=path)
     missing = [k for k in _TOP_REQUIRED if k not in manifest]
     if missing:
         raise ManifestError(f"manifest lacks {missing}", file=path)
     # an unknown field could change what the checkpoint means: refuse, as for entries
     unknown = sorted(set(manifest) - set(_TOP_REQUIRED))
     if unknown:
-        raise ManifestError(f"manifest has unknown fields {unknown[:8]} (format version {FORMAT_VERSION})",
-                            file=path)
+        raise ManifestError(f"manifest has unknown fields {unknown[:8]} (format version {ver})", file=path)
     cv = manifest["codec_version"]
-    if not _is_int(cv) or cv != CODEC_VERSION:
-        raise UnknownFormatError(f"codec_version {_short(cv)} is unknown; this build decodes version {CODEC_VERSION}",
-                                 file=path)
+    if not _is_int(cv) or cv != CODEC_OF_FORMAT[ver]:
+        raise UnknownFormatError(f"codec_version {_short(cv)} is unknown in format version {ver}; this build "
+                                 f"decodes version {CODEC_OF_FORMAT[ver]} there", file=path)
     prod = manifest["producer"]
     if not (isinstance(prod, dict) and isinstance(prod.get("name"), str) and isinstance(prod.get("version"), str)):
         raise ManifestError(f"producer must be an object with string 'name' and 'version', got {_short(prod)}", file=path)
     if not isinstance(manifest["source"], dict):
         raise ManifestError("'source' must be an object", file=path)
     try:
-        HyperCompressionConfig.from_dict(manifest["config"])
+        config_class(ver).from_dict(manifest["config"])
     except ConfigError as exc:
         raise ManifestError(f"config: {exc}", file=path) from None
+
+
+def config_class(format_version: int):
+    """The config class of a (known) format version's codec."""
+    if format_version == FORMAT_VERSION_V2:
+        from ..codec_v2.config import CodecV2Config
+
+        return CodecV2Config
+    return HyperCompressionConfig
 
 
 def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
@@ -297,7 +339,7 @@ def _validate(manifest: Any, path: str, limits: LoadLimits) -> dict[str, _Spec]:
     for name, e in tensors.items():
         if not name or name == _SAFETENSORS_METADATA:
             raise ManifestError(f"invalid tensor name {_short(name)}", file=path, tensor=name)
-        spec, decoded = _entry_spec(name, e, shards, path, limits)
+        spec, decoded = _entry_spec(name, e, shards, path, limits, manifest["format_version"])
         total += decoded
         if total > limits.max_total_bytes:
             raise SizeLimitError(f"declared sizes add up to more than max_total_bytes={limits.max_total_bytes}",

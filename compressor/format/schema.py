@@ -15,14 +15,16 @@ import numpy as np
 import torch
 
 from .. import quant_primitives as qp
-from ..codec import CompressedTensor, RawTensor
 from ..dtypes import DTYPES, NAME_BY_TORCH
 from ..errors import ConfigError, SizeLimitError
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "birkhoff.hyper-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the paper's codec (codec_version 1): what this build has always written
+FORMAT_VERSION_V2 = 2  # codec v2 (codec_version 2): entropy-coded A2 lattice, compressor.codec_v2
+#: format_version -> the codec_version its manifests carry (one codec per checkpoint)
+CODEC_OF_FORMAT = {FORMAT_VERSION: 1, FORMAT_VERSION_V2: 2}
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
 
@@ -76,6 +78,10 @@ _RAW_KEYS = frozenset({"raw", "raw_reason", "shape", "dtype", "shard", "sha256"}
 _COMPRESSED_KEYS = frozenset({
     "raw", "shape", "dtype", "layout", "pad", "n_points", "centroid", "radius", "box_size",
     "U", "K", "bits", "mae", "abs_error_sum", "shard", "sha256",
+})
+_V2_KEYS = frozenset({
+    "raw", "codec", "shape", "dtype", "role", "q", "stored_bytes", "bits_per_weight", "n_escapes",
+    "abs_error_sum", "mae", "shard", "sha256",
 })
 _SAFETENSORS_METADATA = "__metadata__"
 
@@ -188,10 +194,12 @@ def _as_torch(name: str, t: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def stored_tensor(entry: CompressedTensor | RawTensor, pack_bits=qp.pack_bits) -> torch.Tensor:
+def stored_tensor(entry, pack_bits=qp.pack_bits) -> torch.Tensor:
     """The form an entry takes in a shard: packed uint8 indices, or the raw tensor.
     ``pack_bits`` lets a caller use a faster backend's packer (same bytes)."""
     if entry.raw:
         return entry.tensor.detach().to("cpu").contiguous()
+    if hasattr(entry, "stored"):  # a codec-v2 entry: its self-validating byte form
+        return entry.stored()
     packed = pack_bits(np.asarray(entry.theta), entry.bits)
     return torch.from_numpy(packed)

@@ -265,9 +265,13 @@ def _compare(spec: _Spec, ent: _HeaderEntry, path: str) -> None:
             raise DTypeMismatchError(f"stored shape {list(ent.shape)}, the manifest declares {list(spec.shape)}",
                                      file=path, tensor=spec.name)
         return
+    what = "a v2 tensor's byte form" if spec.codec == "v2" else "packed indices"
     if ent.dtype != "U8" or len(ent.shape) != 1:
-        raise DTypeMismatchError(f"packed indices must be a 1-D U8 array, found {ent.dtype} {list(ent.shape)}",
+        raise DTypeMismatchError(f"{what} must be a 1-D U8 array, found {ent.dtype} {list(ent.shape)}",
                                  file=path, tensor=spec.name)
+    if spec.codec == "v2" and ent.shape[0] != spec.stored_bytes:
+        raise PackedLengthError(f"v2 byte form is {ent.shape[0]} bytes, the manifest declares {spec.stored_bytes}",
+                                file=path, tensor=spec.name)
     if ent.shape[0] != spec.stored_bytes:
         raise PackedLengthError(f"packed index stream is {ent.shape[0]} bytes; {spec.n_points} indices of "
                                 f"{spec.bits} bits need {spec.stored_bytes}", file=path, tensor=spec.name)
@@ -293,6 +297,20 @@ def _unpack(spec: _Spec, buf: np.ndarray, path: str, kernels) -> np.ndarray:
             raise IndexRangeError(f"index {hi} (first bad one at point {pos}) is not below U*(K+1)={spec.n_codes}",
                                   file=path, tensor=spec.name)
     return theta.astype(np.uint16 if spec.bits <= 16 else np.uint32, copy=False)
+
+
+def _v2_tensor(spec: _Spec, buf: np.ndarray, path: str):
+    """Parse and validate a v2 byte form (every field, before any decoding) and check
+    that its header says what the manifest says."""
+    from ..codec_v2.container import V2Tensor
+
+    t = V2Tensor.from_bytes(buf.tobytes(), file=path, name=spec.name)
+    for key, have, want in (("name", t.name, spec.name), ("shape", tuple(t.shape), spec.decoded_shape),
+                            ("dtype", t.dtype, spec.dtype), ("role", t.role, spec.role)):
+        if have != want:
+            raise DTypeMismatchError(f"stored v2 header has {key} {have!r}, the manifest declares {want!r}",
+                                     file=path, tensor=spec.name)
+    return t
 
 
 def _load_shard(directory: str, shard: str, declared: dict, specs: list[_Spec], wanted: set[str],
@@ -327,7 +345,12 @@ def _load_shard(directory: str, shard: str, declared: dict, specs: list[_Spec], 
                     if tensor_sha256(buf) != s.sha256:
                         raise ChecksumError("sha256 of the stored bytes differs from the manifest",
                                             file=path, tensor=name)
-                out[name] = _to_tensor(s, buf, path) if s.raw else _unpack(s, buf, path, kernels)
+                if s.raw:
+                    out[name] = _to_tensor(s, buf, path)
+                elif s.codec == "v2":
+                    out[name] = _v2_tensor(s, buf, path)
+                else:
+                    out[name] = _unpack(s, buf, path, kernels)
             elif verify:
                 left = nbytes
                 while left:
@@ -361,7 +384,9 @@ def load_stored_tensors(directory, manifest: dict, names: Iterable[str] | None =
     Returns ``name -> torch.Tensor`` (its stored dtype and shape) for raw entries
     and ``name -> np.ndarray`` for compressed entries: the unpacked indices
     ``theta`` (``[n_points]``, uint16 when ``bits <= 16`` else uint32), already
-    checked to be below ``U*(K+1)``, so the caller never unpacks twice.
+    checked to be below ``U*(K+1)``, so the caller never unpacks twice. A codec-v2
+    entry gives its :class:`~compressor.codec_v2.container.V2Tensor`, every field
+    validated (its blocks' CRCs are checked as they decode).
 
     ``manifest`` is validated again (cheap) so a dict edited after
     :func:`read_manifest` cannot bypass the caps. Each shard's header is parsed
@@ -388,7 +413,8 @@ def load_stored_tensors(directory, manifest: dict, names: Iterable[str] | None =
     by_shard: dict[str, list[_Spec]] = {}
     for s in specs.values():
         by_shard.setdefault(s.shard, []).append(s)
-    kernels = resolve_backend("auto").kernels if any(not specs[n].raw for n in wanted) else None
+    kernels = resolve_backend("auto").kernels if any(specs[n].codec == "v1" and not specs[n].raw
+                                                     for n in wanted) else None
     out: dict[str, torch.Tensor | np.ndarray] = {}
     for shard in manifest["shards"]:  # manifest order: deterministic
         group = by_shard.get(shard, [])

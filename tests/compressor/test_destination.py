@@ -247,7 +247,7 @@ def test_two_concurrent_compress_one_destination_exactly_one_wins(tmp_path):
     for trial in range(2):
         dst = tmp_path / f"out{trial}"
         procs = [subprocess.Popen([sys.executable, "-m", "compressor.cli", "compress", str(src), str(dst),
-                                   "--backend", "reference", "--points", "1225", "--json"],
+                                   "--backend", "reference", "--codec", "paper", "--points", "1225", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for _ in range(2)]
         outs = [p.communicate(timeout=300) for p in procs]
@@ -323,7 +323,8 @@ def test_ctrl_c_stops_compress_and_leaves_nothing(tmp_path):
     save_file({f"l{i}.weight": torch.randn(256, 255, generator=g) * 0.02 for i in range(40)}, src)
     pts = ",".join(str(1225 + 100 * i) for i in range(30))  # a long search: still running when interrupted
     p = subprocess.Popen([sys.executable, "-m", "compressor.cli", "compress", str(src), str(tmp_path / "c"),
-                          "--backend", "reference", "--points", pts, "--target-mae", "0", "--fallback-mae", "1"],
+                          "--backend", "reference", "--codec", "paper", "--points", pts, "--target-mae", "0",
+                          "--fallback-mae", "1"],
                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     seen = ""
     deadline = time.time() + 300

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.codec_v2 import CodecV2Config
 from compressor.config import HyperCompressionConfig
 from eval_jobs.fidelity import MAX_DROP, fidelity_check
 
@@ -21,6 +22,8 @@ TRAINED = Path(__file__).resolve().parents[2] / "eval_jobs" / "trained" / "sam-s
 # name -> config: the default codec (the paper's settings) and every preset that ships
 CODEC_SETTINGS = {
     "default": HyperCompressionConfig(),
+    "v2-faithful": CodecV2Config(preset="faithful"),
+    "v2-small": CodecV2Config(preset="small"),
 }
 # A 4 x 4 lattice in a box 8x the default's, and no raw fallback (neither the absolute
 # one nor the relative one, whose default 0.5 would keep nearly every tensor raw here):

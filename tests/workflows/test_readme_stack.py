@@ -86,3 +86,4 @@ def test_the_readme_real_stack_block_runs_as_written(tmp_path):
     assert {m["status"] for m in models.values()} == {"compressed"}, models
     assert models["sam-shapes"]["checkpoint_uri"].startswith("s3://birkhoff/zoo/sam-shapes/")
     assert models["sam-shapes"]["eval_metrics"]["fidelity_miou/coco-val-mini/box"] >= 0.9
+    assert models["sam-shapes.codec-v2"]["eval_metrics"]["fidelity_miou/coco-val-mini/box"] >= 0.9

@@ -26,7 +26,8 @@ BUCKET = "birkhoff"
 
 pytestmark = pytest.mark.slow
 
-GOOD = ["all-minilm-l6-v2", "sam-shapes"]
+GOOD = ["all-minilm-l6-v2", "sam-shapes", "all-minilm-l6-v2.codec-v2", "sam-shapes.codec-v2"]
+V2 = {"all-minilm-l6-v2.codec-v2", "sam-shapes.codec-v2"}  # the demo zoo's codec-v2 models
 
 
 def _objects(client, bucket, prefix=""):
@@ -43,8 +44,8 @@ def _summary(path: Path) -> dict:
 
 def _local_compress(src: Path, dst: Path, points: list[int]) -> dict:
     """`birkhoff compress` as a user runs it (the CLI module, in a subprocess)."""
-    r = subprocess.run([sys.executable, "-m", "compressor.cli", "compress", str(src), str(dst), "--points",
-                        ",".join(map(str, points)), "--json"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "compressor.cli", "compress", str(src), str(dst), "--codec", "paper",
+                        "--points", ",".join(map(str, points)), "--json"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads((dst / "manifest.json").read_text())
@@ -108,7 +109,7 @@ def test_demo_zoo_lands_in_s3_and_bad_source_fails_alone(accept):
     assert "broken" not in index
     # per-model and per-shard progress in the driver's log
     out = first.stdout
-    assert "sam-shapes: shard 1/2 done" in out and "[1/3] all-minilm-l6-v2" in out
+    assert "sam-shapes: shard 1/2 done" in out and "[1/5] all-minilm-l6-v2" in out
 
 
 def test_stored_checkpoint_decodes_like_local_compress(accept, seaweed, tmp_path, cache_dir):
@@ -160,8 +161,14 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(accept, mlflow_serve
             assert m in r.data.metrics, (name, m)
         assert r.data.metrics["ratio"] > 2.5
         p = r.data.params
-        assert p["git_commit"] == "0123abc" and p["codec_version"] == "1" and len(p["source_hash"]) == 64
-        assert p["config.box_size"] == "0.1" and p["checkpoint_uri"].startswith(f"s3://{BUCKET}/zoo/{name}/")
+        assert p["git_commit"] == "0123abc" and len(p["source_hash"]) == 64
+        assert p["checkpoint_uri"].startswith(f"s3://{BUCKET}/zoo/{name}/")
+        if name in V2:  # codec v2: its own version, format and settings, no paper setting leaked in
+            assert (p["codec"], p["codec_version"], p["format_version"]) == ("v2", "2", "2")
+            assert p["config.preset"] == "faithful" and "config.box_size" not in p
+        else:
+            assert (p["codec"], p["codec_version"], p["format_version"]) == ("paper", "1", "1")
+            assert p["config.box_size"] == "0.1"
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert {"tensor_report.parquet", "tensor_mae_bits.png", "checkpoint_uri.txt"} <= arts
     import pyarrow.parquet as pq
@@ -211,6 +218,10 @@ def _runs_line_up_night_after_night(c, parents, first_parent, second_parent, chi
     for parent in (first_parent, second_parent):
         pm = parent.data.metrics
         assert pm["sam-shapes/ratio"] > 2.5 and pm["sam-shapes/fidelity_miou/coco-val-mini/box"] >= 0.9, pm
+        # codec v2 beside the paper's, night after night: smaller at the same box mIoU (within 0.01)
+        assert pm["all-minilm-l6-v2.codec-v2/ratio"] > 1.8 * pm["all-minilm-l6-v2/ratio"], pm
+        assert pm["sam-shapes.codec-v2/ratio"] > pm["sam-shapes/ratio"], pm
+        assert abs(pm["sam-shapes.codec-v2/miou_drop/coco-val-mini/box"]) <= 0.01, pm
         assert "models.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
         # the path the user gave (it lies outside the job's working dir), never the Ray job's temp copy
         assert parent.data.params["zoo_sha256"] and parent.data.params["zoo_file"] == zoo_file, parent.data.params
@@ -222,7 +233,8 @@ def _runs_line_up_night_after_night(c, parents, first_parent, second_parent, chi
             assert {"ratio", "bits_per_weight", "compress_seconds", "mae"} <= set(m), (name, m)
             if name.startswith("sam"):  # evaluated every night, skipped or not: on the model's own run
                 assert m["fidelity_miou/coco-val-mini/box"] >= 0.9 and "miou_drop/sa1b-mini/box" in m, m
-            assert t["model"] == name and t["git_commit"] == "0123abc" and t["codec"].startswith("hypercompression")
+            assert t["model"] == name and t["git_commit"] == "0123abc"
+            assert t["codec"] == ("hypercompression-v2" if name in V2 else "hypercompression-v1")
         for tag in ("source_sha", "config_hash", "codec"):  # the same night after night
             assert first.data.tags[tag] == second.data.tags[tag]
         assert first.data.metrics["ratio"] == second.data.metrics["ratio"]
@@ -258,14 +270,16 @@ def test_committed_models_are_registered_and_load_from_the_registry(accept, mlfl
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", seaweed.endpoint)
     monkeypatch.setenv("BIRKHOFF_CACHE", str(tmp_path / "cache"))
-    got = load_model("models:/birkhoff-sam-shapes@latest")
     store = S3Store(f"s3://{BUCKET}", endpoint_url=seaweed.endpoint)
-    fetched = fetch_checkpoint(store, first["sam-shapes"]["checkpoint_uri"][len(f"s3://{BUCKET}/"):],
-                               tmp_path / "fetched")
-    ref = load_model(fetched)
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(got.get_image_embeddings(x), ref.get_image_embeddings(x), rtol=1e-6, atol=1e-6)
+    for name in ("sam-shapes", "sam-shapes.codec-v2"):
+        got = load_model(f"models:/birkhoff-{name}@latest")
+        fetched = fetch_checkpoint(store, first[name]["checkpoint_uri"][len(f"s3://{BUCKET}/"):],
+                                   tmp_path / name / "fetched")
+        ref = load_model(fetched)
+        with torch.no_grad():
+            torch.testing.assert_close(got.get_image_embeddings(x), ref.get_image_embeddings(x), rtol=1e-6,
+                                       atol=1e-6)
 
 
 def test_credentials_never_leak(accept, s3_creds, mlflow_server, ray_head):

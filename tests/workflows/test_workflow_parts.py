@@ -69,6 +69,10 @@ def test_zoo_files_parse():
     ({"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, "duplicate"),
     ({"models": [{"name": "a/b", "source": "x"}]}, "name must match"),
     ({"models": [{"name": "a", "source": "x", "config": {"points": [3]}}]}, "invalid config"),
+    ({"models": [{"name": "a", "source": "x", "config": {"codec": "v3"}}]}, "unknown codec 'v3'"),
+    ({"models": [{"name": "a", "source": "x", "config": {"codec": "v2", "box_size": 0.2}}]}, "unknown codec v2"),
+    ({"models": [{"name": "a", "source": "x", "config": {"codec": "v2", "bits_per_weight": 4}}]},
+     "use preset"),
     ({"models": [{"name": "a", "source": "x", "colour": 1}]}, "unknown keys"),
     ({"models": []}, "non-empty"),
     ({"models": [{"name": "a", "source": "x", "eval": ["coco"]}]}, "not in the zoo's 'datasets'"),
@@ -77,6 +81,22 @@ def test_zoo_files_parse():
 def test_zoo_errors_name_the_model(data, needle):
     with pytest.raises(ZooError, match=needle):
         parse_zoo(data, "z.yaml")
+
+
+def test_zoo_codec_choice_and_defaults_of_the_other_codec():
+    from compressor.codec_v2 import CodecV2Config
+    from compressor.config import HyperCompressionConfig
+
+    zoo = parse_zoo({"defaults": {"config": {"box_size": 0.2}}, "models": [
+        {"name": "p", "source": "x"},
+        {"name": "v", "source": "x", "config": {"codec": "v2", "preset": "small"}},
+        {"name": "r", "source": "x", "config": {"codec": "v2", "rel_error": 0.02}}]}, "z.yaml")
+    p, v, r = zoo.models
+    assert isinstance(p.config, HyperCompressionConfig) and p.config.box_size == 0.2
+    # the paper's defaults do not reach a v2 model (they would be unknown fields there)
+    assert v.config == CodecV2Config(preset="small") and r.config == CodecV2Config(rel_error=0.02)
+    demo = {m.name: m for m in load_zoo(ROOT / "infra" / "zoo" / "demo.yaml").models}
+    assert demo["sam-shapes.codec-v2"].config == CodecV2Config(preset="faithful")
 
 
 def test_zoo_datasets_resolve(tmp_path):
