@@ -223,12 +223,13 @@ def _cli(*args, check=True):
 
 def test_cli_compress_codec_v2_reports_bits_and_inspect_shows_the_codec(bert_v2, tmp_path):
     _, src, _, _, _ = bert_v2
-    r = _cli("compress", str(src), str(tmp_path / "v2"), "--codec", "v2", "--preset", "small", "--json")
+    r = _cli("compress", str(src), str(tmp_path / "v2"), "--preset", "small", "--json")  # v2: the default
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["codec"] == "v2" and 2.5 < res["bits_per_weight"] < 8 and res["ratio"] > 3
     manifest = fmt.read_manifest(tmp_path / "v2")
     assert manifest["config"]["preset"] == "small" and manifest["format_version"] == 2
-    paper = json.loads(_cli("compress", str(src), str(tmp_path / "p"), "--json").stdout.strip().splitlines()[-1])
+    paper = json.loads(_cli("compress", str(src), str(tmp_path / "p"), "--codec", "paper", "--json")
+                       .stdout.strip().splitlines()[-1])
     assert paper["codec"] == "paper" and fmt.read_manifest(tmp_path / "p")["format_version"] == 1
     assert res["bits_per_weight"] < paper["bits_per_weight"]
     rows = json.loads(_cli("inspect", str(tmp_path / "v2"), "--json").stdout)
@@ -237,7 +238,7 @@ def test_cli_compress_codec_v2_reports_bits_and_inspect_shows_the_codec(bert_v2,
     table = _cli("inspect", str(tmp_path / "v2")).stdout
     assert "v2" in table
     # settings of the other codec are refused before any work, naming the flag
-    for args, flag in ((["--codec", "v2", "--box-size", "0.2"], "--box-size"), (["--bits", "4"], "--bits"),
+    for args, flag in ((["--box-size", "0.2"], "--box-size"), (["--codec", "paper", "--bits", "4"], "--bits"),
                        (["--codec", "v2", "--bits", "4", "--rel-error", "0.03"], "--rel-error")):
         r = _cli("compress", str(src), str(tmp_path / "no"), *args, check=False)
         assert r.returncode != 0 and "ConfigError" in r.stderr and flag in r.stderr, r.stderr
