@@ -1,5 +1,7 @@
 """The codec-v2 linear product on the CPU (int8 on-device form, decoded inside the
-product) against torch's fp32 linear with the same decoded weight, in one run.
+product) against torch's fp32 linear with the same decoded weight, in one run: the
+bare kernel call (``codec_v2.device.linear``) and the ``LatticeLinear`` module that
+``load_model`` puts in a model (what users run).
 
     python benchmarks/bench_lattice_linear.py                       # 768->2304, tokens 1,16,4096, 2 threads
     python benchmarks/bench_lattice_linear.py --shapes 768x2304,3072x768 --tokens 1,4096 --threads 2
@@ -27,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.codec_v2 import CodecV2Config, encode_tensor  # noqa: E402
 from compressor.codec_v2.device import linear  # noqa: E402
+from compressor.codec_v2.entry import V2Entry  # noqa: E402
+from compressor.hyperlinear.lattice_module import LatticeLinear  # noqa: E402
 
 
 def _weight(in_f, out_f, seed=0):
@@ -59,8 +63,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, threads {args.threads}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print("| in -> out | tokens | device bits/weight | torch fp32 (us) | v2 (us) | ratio | path |")
-    print("|---|---|---|---|---|---|---|")
+    print("| in -> out | tokens | device bits/weight | torch fp32 (us) | v2 kernel (us) | ratio | LatticeLinear (us) "
+          "| ratio | path |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         in_f, out_f = (int(s) for s in shape.split("x"))
         w = _weight(in_f, out_f)
@@ -68,6 +73,7 @@ def main() -> None:
         form = v.decode_to_device_form()
         wd = torch.from_numpy(v.decode())
         bias = torch.randn(out_f) * 0.01
+        layer = LatticeLinear.from_entry(V2Entry(v.name, v, 0.0), bias)
         for tokens in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(tokens, in_f)
             ref = F.linear(x.double(), wd.double(), bias.double())
@@ -80,9 +86,12 @@ def main() -> None:
             flops = 2 * tokens * in_f * out_f
             repeats = max(5, min(400, int(4e9 / max(flops, 1))))
             tt, tv = _paired(lambda: F.linear(x, wd, bias), lambda: linear(x, form, bias), repeats)
+            with torch.no_grad():
+                assert torch.equal(layer(x), linear(x, form, bias))
+                tt2, tm = _paired(lambda: F.linear(x, wd, bias), lambda: layer(x), repeats)
             path = "fused" if tokens <= 32 else "decode + torch matmul"
             print(f"| {in_f} -> {out_f} | {tokens} | {form.bits_per_weight:.3f} | {tt:.0f} | {tv:.0f} | "
-                  f"{tv / tt:.2f}x | {path} |", flush=True)
+                  f"{tv / tt:.2f}x | {tm:.0f} | {tm / tt2:.2f}x | {path} |", flush=True)
 
 
 if __name__ == "__main__":
