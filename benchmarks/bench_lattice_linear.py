@@ -59,7 +59,12 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,16,4096")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", default="faithful")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: LatticeLinear's numba-cuda kernels against torch's linear on the GPU")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="with --device cuda")
     args = ap.parse_args()
+    if args.device == "cuda":
+        return _cuda(args)
     torch.set_num_threads(args.threads)
     print(f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, threads {args.threads}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -92,6 +97,48 @@ def main() -> None:
             path = "fused" if tokens <= 32 else "decode + torch matmul"
             print(f"| {in_f} -> {out_f} | {tokens} | {form.bits_per_weight:.3f} | {tt:.0f} | {tv:.0f} | "
                   f"{tv / tt:.2f}x | {tm:.0f} | {tm / tt2:.2f}x | {path} |", flush=True)
+
+
+def _cuda(args) -> None:
+    """GPU: torch's linear against LatticeLinear (fused kernel up to 16 tokens, decode +
+    torch matmul above), in the input dtype, timed with CUDA events after a warm-up."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.dtype}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print("| in -> out | tokens | torch (us) | LatticeLinear (us) | ratio | max abs err vs fp64 |")
+    print("|---|---|---|---|---|---|")
+
+    def timed(fn, repeats):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeats):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    for shape in args.shapes.split(","):
+        in_f, out_f = (int(s) for s in shape.split("x"))
+        w = _weight(in_f, out_f)
+        v = encode_tensor(w, CodecV2Config(preset=args.preset), name=f"{shape}.weight")
+        bias = torch.randn(out_f) * 0.01
+        layer = LatticeLinear.from_entry(V2Entry(v.name, v, 0.0), bias).to(dev)
+        wd = torch.from_numpy(v.decode()).to(dev, dtype)
+        bd = bias.to(dev, dtype)
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(tokens, in_f, device=dev, dtype=dtype)
+            with torch.no_grad():
+                ref = F.linear(x.double(), torch.from_numpy(v.decode()).to(dev).double(), bias.to(dev).double())
+                err = (layer(x).double() - ref).abs().max().item()
+                tt = timed(lambda: F.linear(x, wd, bd), 50)
+                tl = timed(lambda: layer(x), 50)
+            print(f"| {in_f} -> {out_f} | {tokens} | {tt:.1f} | {tl:.1f} | {tl / tt:.2f}x | {err:.3g} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # docs/BENCHMARKS.md with the device and the date.
 #
 #   bash benchmarks/gpu_session.sh check  OUTDIR   # env, real-GPU tests of the CUDA kernels and HyperLinear
-#   bash benchmarks/gpu_session.sh layers OUTDIR   # HyperLinear vs torch, SAM shapes, bf16 (+ fp16 at few tokens)
+#   bash benchmarks/gpu_session.sh layers OUTDIR   # HyperLinear and LatticeLinear vs torch, SAM shapes, bf16 (+ fp16)
 #   bash benchmarks/gpu_session.sh models OUTDIR   # encoder end to end, SAM ViT-B codec, eval images/s
 #
 # It uses the machine's own python3 (torch, numba-cuda, transformers are there) with
@@ -37,7 +37,8 @@ print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__v
     # the CUDA kernel tests run on the real GPU when NUMBA_ENABLE_CUDASIM is unset
     step tests 420 env -u NUMBA_ENABLE_CUDASIM "$py" -m pytest -q -p no:cacheprovider \
         tests/numba_kernels/test_cuda_kernels.py tests/numba_kernels/test_hyperlinear_kernels_cuda.py \
-        tests/numba_kernels/test_kernels_compat.py tests/compressor/test_hyperlinear.py -k "not simulator"
+        tests/numba_kernels/test_kernels_compat.py tests/numba_kernels/test_lattice_linear_cuda.py \
+        tests/compressor/test_hyperlinear.py -k "not simulator"
     ;;
 layers)
     step layers_bf16 330 "$py" benchmarks/bench_hyperlinear.py --device cuda --dtype bf16 --pipelined --graphs
@@ -45,6 +46,9 @@ layers)
         --shapes 768x2304,1280x5120 --pipelined
     step layers_fp32 120 "$py" benchmarks/bench_hyperlinear.py --device cuda --dtype fp32 --tokens 1,16,4096 \
         --shapes 768x2304 --pipelined
+    # codec v2's LatticeLinear (issue 12: bf16 at 4096 tokens <= 1.25x torch, 1 token no slower)
+    step lattice_bf16 100 "$py" benchmarks/bench_lattice_linear.py --device cuda --dtype bf16 \
+        --shapes 768x2304,3072x768 --tokens 1,16,4096
     ;;
 models)
     step encoder_bf16 200 "$py" benchmarks/bench_hyperlinear.py --device cuda --dtype bf16 --encoder-only \

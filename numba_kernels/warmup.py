@@ -31,7 +31,8 @@ def compile_counts(modules=None) -> dict:
     """Kernel signatures this process has so far compiled, and loaded from the cache,
     over the given kernel modules (default: those already imported)."""
     if modules is None:
-        names = ("numba_kernels.cpu", "numba_kernels.hyperlinear_cpu", "numba_kernels.cuda")
+        names = ("numba_kernels.cpu", "numba_kernels.hyperlinear_cpu", "numba_kernels.cuda",
+                 "numba_kernels.lattice_v2_cpu", "numba_kernels.lattice_linear_cpu")
         modules = [sys.modules[n] for n in names if n in sys.modules]
     compiled = loaded = sigs = 0
     for d in _dispatchers(*modules):
@@ -81,6 +82,21 @@ def _hyperlinear_cpu_calls(k) -> None:
         k.fused_rows(x, theta, table, np.zeros(4, np.float32), np.empty((2, 4), np.float32), 0, 4)
 
 
+def _lattice_v2_calls(k, lin) -> None:
+    """Codec v2's kernels with the array types its callers pass: float32 and float64
+    weights, int32 coordinates from the encoder and int64 from a checkpoint's decoded
+    stream, float32 and float64 outputs; the linear layer's kernels have explicit
+    signatures (compiled or loaded at import)."""
+    for dt in (np.float32, np.float64):
+        w = np.zeros((2, 5), dt)
+        k.row_sumsq(w, np.empty(2, np.float64))
+        k.encode_rows(w, np.ones(2), np.empty((2, 3), np.int32), np.empty((2, 3), np.int32))
+    for it in (np.int32, np.int64):
+        for out in (np.float32, np.float64):
+            k.decode_rows(np.zeros((2, 3), it), np.zeros((2, 3), it), np.ones(2), np.empty((2, 5), out))
+    del lin  # imported: its signatures are compiled or loaded
+
+
 def warm_up(cuda: bool | None = None, *, trial_tables) -> dict:
     """Compile or load every CPU kernel (and the CUDA codec kernels when ``cuda`` is
     True, or None and a real GPU is usable). ``trial_tables``: the codec's table
@@ -88,11 +104,12 @@ def warm_up(cuda: bool | None = None, *, trial_tables) -> dict:
     reference's). Returns what happened: seconds, cache folder, signatures compiled
     and loaded from the cache."""
     t0 = time.perf_counter()
-    from . import cache, cpu, hyperlinear_cpu
+    from . import cache, cpu, hyperlinear_cpu, lattice_linear_cpu, lattice_v2_cpu
 
     _codec_calls(cpu, trial_tables)
     _hyperlinear_cpu_calls(hyperlinear_cpu)
-    mods = [cpu, hyperlinear_cpu]
+    _lattice_v2_calls(lattice_v2_cpu, lattice_linear_cpu)
+    mods = [cpu, hyperlinear_cpu, lattice_v2_cpu, lattice_linear_cpu]
     result: dict = {"cache_dir": str(cache.cache_dir()), "cuda": "skipped"}
     if cuda is not False:
         try:

@@ -254,3 +254,35 @@ def test_decompress_writes_the_decoded_v2_weights(bert_v2, tmp_path):
     for name, e in ck.entries.items():
         want = e.decode().numpy() if not isinstance(e, RawTensor) else e.tensor.numpy()
         assert np.array_equal(got[name], want), name
+
+
+def test_lattice_linear_cuda_paths_under_the_simulator():
+    """The CUDA orchestration of LatticeLinear (fused up to 16 tokens, decode + matmul
+    above; fp32, bf16) run on CPU tensors by Numba's CUDA simulator, as CI can."""
+    import numba
+
+    if not numba.config.ENABLE_CUDASIM:
+        pytest.skip("runs with NUMBA_ENABLE_CUDASIM=1 (scripts/test.sh sets it without a GPU)")
+    from compressor.codec_v2.device import DeviceForm
+
+    g = torch.Generator().manual_seed(9)
+    m = torch.randint(-20, 21, (24, 61), generator=g).numpy()
+    b = torch.randint(-20, 21, (24, 61), generator=g).numpy()
+    m[2, 5], b[7, 60] = 300, -200  # beyond int8: escapes (the second in the odd last column's pair)
+    rel = np.full(24, 1.0, dtype=np.float16)
+    form = DeviceForm.from_coords("l.weight", m, b, 0.001953125, rel, 121)
+    assert form.esc_row.size == 3  # (2, 10), (2, 11) and (7, 120)
+    bias = torch.randn(24, generator=g)
+    layer = LatticeLinear(form, bias, backend="numba-cuda")
+    dense = torch.from_numpy(form.dense())
+    assert torch.equal(layer.dequantize(), dense)
+    for tokens in (1, 5, 16, 40):
+        x = torch.randn(2, tokens, 121, generator=g)
+        ref = torch.nn.functional.linear(x.double(), dense.double(), bias.double())
+        with torch.no_grad():
+            y = layer(x)
+            assert y.shape == (2, tokens, 24) and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+            yb = layer(x.to(torch.bfloat16))
+            assert yb.dtype == torch.bfloat16
+            torch.testing.assert_close(yb.double(), ref, rtol=0.05, atol=0.1)
