@@ -259,22 +259,12 @@ def compress(source, config: "HyperCompressionConfig | CodecV2Config | None" = N
     kernels = _kernels(backend)
     timings: dict = {}
     if isinstance(source, torch.nn.Module):
-        buffers = {n for n, _ in source.named_buffers()}
-        sd = source.state_dict()
-        extra = {}
-        cfg = getattr(source, "config", None)
-        if cfg is not None and hasattr(cfg, "to_json_string"):
-            extra["config.json"] = cfg.to_json_string().encode()
+        sd, extra, info, buffers = module_parts(source)
         entries = _compress_mapping(sd, config, kernels, progress, timings, buffers)
-        info = {"kind": "module", "class": type(source).__name__,
-                "weight_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
         return CompressedCheckpoint(entries, config, info, extra, timings.get("seconds", 0.0))
     if isinstance(source, Mapping):
-        for k, v in source.items():
-            if not isinstance(v, torch.Tensor):
-                raise SourceError(f"state dict value is {type(v).__name__}, not a tensor", tensor=str(k))
+        info = state_dict_info(source)
         entries = _compress_mapping(source, config, kernels, progress, timings, set())
-        info = {"kind": "state_dict", "weight_bytes": sum(t.numel() * t.element_size() for t in source.values())}
         return CompressedCheckpoint(entries, config, info, {}, timings.get("seconds", 0.0))
     src = open_source(source)
     entries = compress_tensors(src, None, config, kernels, progress, timings)
@@ -283,6 +273,27 @@ def compress(source, config: "HyperCompressionConfig | CodecV2Config | None" = N
     extra = {name: f for name, f in src.extra_file_map().items()}
     return CompressedCheckpoint(entries, config, info, extra, timings.get("seconds", 0.0),
                                 tuple(src.protected_paths()))
+
+
+def module_parts(module: torch.nn.Module) -> tuple[dict, dict, dict, set]:
+    """What a module source gives a codec: its state dict, extra files (a Hugging Face
+    config as ``config.json``), the source info and its buffers' names (kept raw)."""
+    sd = module.state_dict()
+    extra = {}
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        extra["config.json"] = cfg.to_json_string().encode()
+    info = {"kind": "module", "class": type(module).__name__,
+            "weight_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+    return sd, extra, info, {n for n, _ in module.named_buffers()}
+
+
+def state_dict_info(sd: Mapping) -> dict:
+    """The source info of a state dict, whose every value must be a tensor."""
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise SourceError(f"state dict value is {type(v).__name__}, not a tensor", tensor=str(k))
+    return {"kind": "state_dict", "weight_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
 
 
 def _compress_mapping(sd, config, kernels, progress, timings, buffers) -> dict[str, TensorEntry]:

@@ -16,13 +16,13 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import CompressedCheckpoint, _progress
+from .checkpoint import CompressedCheckpoint, _progress, module_parts, state_dict_info
 from .codec import RawTensor
 from .codec_v2.config import CodecV2Config
 from .codec_v2.entry import encode_entry
 from .codec_v2.kernels import resolve
 from .codec_v2.rate import TensorPlan, plan_tensors, roles_from_module
-from .errors import ConfigError, NonFiniteTensorError, SourceError
+from .errors import ConfigError, NonFiniteTensorError
 from .sources import open_source
 
 log = logging.getLogger(__name__)
@@ -83,22 +83,12 @@ def compress_v2(source, cfg: CodecV2Config, *, progress: bool = False, backend="
     """See :func:`compressor.checkpoint.compress` (``backend``: which codec-v2 kernels
     code the rows, :func:`compressor.codec_v2.kernels.resolve`; same bits for each)."""
     if isinstance(source, torch.nn.Module):
-        buffers = {n for n, _ in source.named_buffers()}
-        sd = source.state_dict()
-        extra = {}
-        hf_cfg = getattr(source, "config", None)
-        if hf_cfg is not None and hasattr(hf_cfg, "to_json_string"):
-            extra["config.json"] = hf_cfg.to_json_string().encode()
+        sd, extra, info, buffers = module_parts(source)
         entries, seconds = _encode_all(sd, cfg, roles_from_module(source), buffers, progress, backend)
-        info = {"kind": "module", "class": type(source).__name__,
-                "weight_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
         return CompressedCheckpoint(entries, cfg, info, extra, seconds)
     if isinstance(source, Mapping):
-        for k, v in source.items():
-            if not isinstance(v, torch.Tensor):
-                raise SourceError(f"state dict value is {type(v).__name__}, not a tensor", tensor=str(k))
+        info = state_dict_info(source)
         entries, seconds = _encode_all(source, cfg, {}, set(), progress, backend)
-        info = {"kind": "state_dict", "weight_bytes": sum(t.numel() * t.element_size() for t in source.values())}
         return CompressedCheckpoint(entries, cfg, info, {}, seconds)
     src = open_source(source)
     # a bits budget is solved over every tensor at once, so the whole source is read

@@ -23,6 +23,7 @@ from compressor.hyperlinear.lattice_module import LatticeLinear
 from compressor.modeling import load_model
 
 transformers = pytest.importorskip("transformers")
+from tests.compressor.test_hf_files import _tiny_bert  # noqa: E402  (one tiny BERT for the suite)
 
 
 def _state_dict(seed=0):
@@ -32,16 +33,9 @@ def _state_dict(seed=0):
             "half.weight": (torch.randn(40, 64, generator=g) * 0.1).to(torch.bfloat16)}
 
 
-def _tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=40)
-    return transformers.BertModel(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def bert_v2(tmp_path_factory):
-    model = _tiny_bert()
+    model = _tiny_bert(hidden=64)  # 64x64 and wider matrices: codec v2 codes tensors of 1024+ elements
     src = tmp_path_factory.mktemp("bert-v2-src")
     model.save_pretrained(src)
     d = tmp_path_factory.mktemp("bert-v2") / "c"
@@ -199,7 +193,7 @@ def test_load_model_and_from_pretrained_run_lattice_layers(bert_v2):
                   and isinstance(ck.entries.get(f"{n}.weight"), V2Entry)]
     assert sorted(lattice) == sorted(v2_linears) and len(lattice) >= 12
     # the same model with the decoded float weights: what the lattice layers must compute
-    ref = _tiny_bert()
+    ref = _tiny_bert(hidden=64)
     ref.load_state_dict(ck.state_dict(), strict=False)
     out = _pooled(loaded, inputs)
     assert torch.allclose(out, _pooled(ref, inputs), atol=1e-4)

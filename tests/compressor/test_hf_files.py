@@ -25,10 +25,10 @@ SENTENCES = ["The cat sat quietly on the warm windowsill.",
              "Don't forget to bring your passport to the airport!"]
 
 
-def _tiny_bert(seed=0):
+def _tiny_bert(seed=0, hidden=32):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=40)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=2 * hidden, max_position_embeddings=40)
     return transformers.BertModel(cfg).eval()
 
 
