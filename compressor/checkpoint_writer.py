@@ -27,6 +27,7 @@ from . import format as fmt
 from . import quant_primitives as qp
 from .backends import Kernels, resolve_backend
 from .codec import TensorEntry
+from .codecs import format_version_of
 from .config import HyperCompressionConfig  # noqa: F401  (annotations)
 
 
@@ -69,13 +70,6 @@ def stored_nbytes(entry: TensorEntry) -> int:
     if hasattr(entry, "stored_bytes"):  # codec v2
         return entry.stored_bytes
     return qp.packed_nbytes(entry.n_points, entry.bits)
-
-
-def format_version_of(config) -> int:
-    """The format version a codec's config writes (the paper's: 1, codec v2: 2)."""
-    from .codec_v2.config import CodecV2Config
-
-    return fmt.FORMAT_VERSION_V2 if isinstance(config, CodecV2Config) else fmt.FORMAT_VERSION
 
 
 def build_manifest(config: "HyperCompressionConfig | CodecV2Config", source_info: dict, tensor_meta: Mapping[str, dict],

@@ -26,6 +26,22 @@ def codec_version_of(config: CodecConfig) -> int:
     return 2 if isinstance(config, CodecV2Config) else 1
 
 
+def format_version_of(config: CodecConfig) -> int:
+    """The checkpoint format a codec writes (compressor.format: 1 the paper's, 2 v2's)."""
+    return 2 if isinstance(config, CodecV2Config) else 1
+
+
+def codec_params(config: CodecConfig) -> dict[str, Any]:
+    """What a run records of its codec: name, codec version, format version."""
+    return {"codec": codec_of(config), "codec_version": codec_version_of(config),
+            "format_version": format_version_of(config)}
+
+
+def codec_tag(config: CodecConfig) -> str:
+    """The stable ``codec`` tag of a model's MLflow run."""
+    return f"hypercompression-v{codec_version_of(config)}"
+
+
 def config_to_dict(config: CodecConfig) -> dict[str, Any]:
     """``config.to_dict()`` plus ``codec``."""
     return {"codec": codec_of(config), **config.to_dict()}

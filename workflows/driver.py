@@ -28,8 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from compressor import format as fmt
-from compressor.checkpoint_writer import format_version_of
-from compressor.codecs import codec_of, codec_version_of, config_to_dict
+from compressor.codecs import codec_params, codec_tag, codec_version_of, config_to_dict
 from compressor.stats import manifest_stats, size_ratio
 
 from . import commit as commits
@@ -214,8 +213,7 @@ class ModelRun:
         params = {
             "source": redact_uri(spec.source), "revision": spec.revision, "source_hash": source_hash,
             "source_kind": src.kind, "config": spec.config.to_dict(), "config_hash": spec.config.config_hash(),
-            "codec": codec_of(spec.config), "codec_version": codec_version_of(spec.config),
-            "format_version": format_version_of(spec.config), "git_commit": self.opts.git_commit,
+            **codec_params(spec.config), "git_commit": self.opts.git_commit,
             "checkpoint_uri": uri, "eval_datasets": list(spec.eval),
         }
         weights = weights_kind(local)  # trained / random-init / unknown: tagged, so figures are read right
@@ -225,8 +223,7 @@ class ModelRun:
             self.tracker.log_params(self.child_run, params)
             # stable tags, the same night after night: the UI's compare view and charts line up on them
             stable = {"model": spec.name, "source_sha": source_hash, "config_hash": spec.config.config_hash(),
-                      "codec": f"hypercompression-v{codec_version_of(spec.config)}",
-                      "git_commit": self.opts.git_commit}
+                      "codec": codec_tag(spec.config), "git_commit": self.opts.git_commit}
             self.tracker.set_tags(self.child_run, {"birkhoff.checkpoint_uri": uri, **provenance_tags(weights),
                                                    **stable, **spec.tags})
         return params
@@ -432,8 +429,7 @@ def _record_from_manifest(manifest: dict, shard: Shard, file: str) -> ShardResul
     rec = manifest["shards"][file]
     return ShardResult(
         model="", unit_index=shard.index, names_hash=shard.names_hash, config_hash="",
-        codec_version=manifest["codec_version"],
-        record=ShardRecord(file, rec["bytes"], rec["sha256"]),
+        codec_version=manifest["codec_version"], record=ShardRecord(file, rec["bytes"], rec["sha256"]),
         tensor_meta={n: manifest["tensors"][n] for n in shard.names},
         stats={"params": shard.numel, "compress_seconds": 0.0, "wall_seconds": 0.0, "peak_rss_bytes": 0,
                "pid": None, "node": None, "backend": "kept", "abs_error_sum": 0.0},
