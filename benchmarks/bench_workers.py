@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     # baseline: one process, no Ray (what `birkhoff compress` does)
     wall, r = _run([sys.executable, "-m", "compressor.cli", "compress", str(src), str(work / "local"),
-                    "--points", a.points, "--json", "--overwrite"], env)
+                    "--codec", "paper", "--points", a.points, "--json", "--overwrite"], env)
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
         return 1
