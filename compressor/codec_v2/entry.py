@@ -13,23 +13,16 @@ checks against that header (shape, dtype, role) and the figures a report shows.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..dtypes import DTYPES
-from ..errors import ManifestError
 from .config import CodecV2Config
 from .container import V2Tensor
 from .kernels import V2Kernels, resolve
-
-#: manifest keys of a v2 entry (besides ``shard`` and ``sha256``, which the writer adds)
-META_KEYS = ("raw", "codec", "shape", "dtype", "role", "q", "stored_bytes", "bits_per_weight", "n_escapes",
-             "abs_error_sum", "mae")
-
 
 @dataclass(frozen=True, eq=False)
 class V2Entry:
@@ -88,26 +81,3 @@ def encode_entry(name: str, tensor: torch.Tensor, cfg: CodecV2Config, *, role: s
     src, _ = _as_numpy(tensor)
     err = float(np.abs(t.decode(k).astype(np.float64) - src.astype(np.float64)).sum())
     return V2Entry(name, t, err)
-
-
-def check_against_manifest(t: V2Tensor, m: Mapping[str, Any], *, file: str, name: str) -> None:
-    """The stored header must say what the manifest says (a tensor moved, renamed or
-    swapped between shards is refused, never decoded under another name)."""
-    for key, have in (("name", t.name), ("shape", list(t.shape)), ("dtype", t.dtype), ("role", t.role)):
-        want = name if key == "name" else m[key]
-        if have != want:
-            raise ManifestError(f"stored v2 header has {key} {have!r}, the manifest declares {want!r}",
-                                file=file, tensor=name)
-
-
-def timed_encode(tensors: Mapping[str, torch.Tensor], plans, cfg: CodecV2Config,
-                 kernels: V2Kernels | str = "auto") -> tuple[dict[str, V2Entry | None], float]:
-    """Encode every tensor whose plan says ``v2`` (others map to ``None``: the caller
-    keeps them raw); returns the entries and the codec seconds."""
-    k = kernels if isinstance(kernels, V2Kernels) else resolve(kernels)
-    out: dict[str, V2Entry | None] = {}
-    t0 = time.perf_counter()
-    for name, t in tensors.items():
-        p = plans[name]
-        out[name] = encode_entry(name, t, cfg, role=p.role, q=p.q, kernels=k) if p.action == "v2" else None
-    return out, time.perf_counter() - t0

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..codec_v2.lattice import H as _H  # float64 sqrt(3)/2: the A2 row height
 from .probe import numba_cuda_status
 from .tables import HyperLinearError
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 #: buffers a LatticeLinear keeps in its state dict (besides ``bias``)
 BUFFERS = ("xt", "bt", "step", "esc_row", "esc_col", "esc_val")
-_H = 0.8660254037844386  # float64 sqrt(3)/2, as compressor/codec_v2/lattice.py
 CUDA_FUSED_MAX_TOKENS = 16
 _said: set[str] = set()
 
@@ -155,11 +155,6 @@ class LatticeLinear(nn.Module):
         w = wt.t() if x.dtype == torch.float32 else wt.t().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, bias)
-
-    def device_bytes(self) -> dict[str, int]:
-        return {"coords": self.xt.nbytes + self.bt.nbytes, "steps": self.step.nbytes,
-                "escapes": self.esc_row.nbytes + self.esc_col.nbytes + self.esc_val.nbytes,
-                "bias": 0 if self.bias is None else self.bias.nbytes}
 
     def extra_repr(self) -> str:
         bits = 8.0 * (self.xt.nbytes + self.bt.nbytes) / (self.in_features * self.out_features)
