@@ -37,7 +37,7 @@ def test_codec_keeps_box_miou_within_one_percent(name, tmp_path):
     rep = fidelity_check(TRAINED, CODEC_SETTINGS[name], work_dir=tmp_path)
     # a check where the codec kept everything raw would prove nothing
     assert rep.compressed_fraction >= 0.9, rep.describe()
-    assert rep.miou_original >= 0.74, rep.describe()  # a trained model (measured 0.775): the figures mean something
+    assert rep.miou_original >= 0.74, rep.describe()  # a trained model (measured 0.781): the figures mean something
     assert rep.passed, f"codec setting {name!r} breaks the 1 % promise: {rep.describe()}"
     assert rep.fidelity >= 0.9, rep.describe()
 
