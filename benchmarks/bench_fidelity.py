@@ -30,8 +30,10 @@ def settings():
         "demo zoo SAM (U=[1600])": HyperCompressionConfig(points=(1600,)),
         "U=[400], no fallback": HyperCompressionConfig(points=(400,), fallback_mae=1.0),
         "U=[100], no fallback": HyperCompressionConfig(points=(100,), fallback_mae=1.0),
-        "coarse (test): l=0.8, U=[16], K=1": HyperCompressionConfig(box_size=0.8, points=(16,), max_classes=1,
-                                                                    target_mae=1.0, fallback_mae=1.0),
+        # the setting tests/eval_jobs/test_fidelity_regression.py must see fail: no raw
+        # fallback at all (the relative one's default 0.5 would keep nearly every tensor raw)
+        "coarse (test): l=0.8, U=[16], K=1, no fallback": HyperCompressionConfig(
+            box_size=0.8, points=(16,), max_classes=1, target_mae=1.0, fallback_mae=1.0, relative_fallback=None),
     }
 
 

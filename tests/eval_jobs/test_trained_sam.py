@@ -7,8 +7,8 @@ training lowers the loss and writes a model directory the evaluation loads.
 
 The thresholds below are the committed model's measured level less a small
 margin (a regression guard). Issue 14 asks for held-out box mIoU >= 0.75; this
-model reaches 0.781 on the tests' set (24 images, seed 7) but 0.744 on the
-script's own report set (48 images, seed 90210): docs/EVALUATION.md.
+model reaches 0.758 on the script's own report set (256 images, seed 90210)
+and 0.781 on the tests' set (24 images, seed 7): docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def test_committed_model_is_the_scripts_output():
     prov = read_provenance(TRAINED)
     assert prov["weights"] == "trained" and prov["script"] == "python -m eval_jobs.train_sam"
     rep = prov["report"]
-    assert rep["config"] == TrainConfig().to_dict()  # the default config: regenerable by the plain command
-    assert rep["heldout"]["miou/box"] >= 0.71 and rep["heldout"]["map"] > 0.45  # measured 0.744 and 0.502
+    # the default config (a field added since takes its default): regenerable by the plain command
+    assert TrainConfig.from_dict(rep["config"]) == TrainConfig()
+    # the script's own report: measured 0.758 and 0.528 on 256 images; issue 14's target is 0.75
+    assert rep["heldout"]["images"] == 256 and rep["heldout"]["miou/box"] >= 0.75 and rep["heldout"]["map"] > 0.5
     assert rep["losses"][-1] < rep["losses"][0] / 2
     size = (TRAINED / "model.safetensors").stat().st_size
     assert size < 5 * 2**20, f"the committed fixture must stay small, got {size} bytes"
