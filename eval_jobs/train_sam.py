@@ -122,29 +122,20 @@ def build_model(cfg: TrainConfig):
     """(SamModel or SamHQModel, processor) of ``cfg``'s shape, randomly initialised
     from torch's current seed."""
     import torch
-    from transformers import SamConfig, SamHQConfig, SamHQModel, SamModel
 
-    from .tiny_models import processor_for
+    from .tiny_models import processor_for, sam_model
 
     s, e = cfg.image_size, cfg.embed_dim
-    parts = dict(
-        vision_config=dict(hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
-                           num_attention_heads=cfg.vision_heads, mlp_dim=4 * cfg.vision_hidden, image_size=s,
-                           patch_size=16, output_channels=e, num_pos_feats=e // 2,
-                           # 16 x 16 tokens: global attention in every layer is cheap, no windows
-                           window_size=0, global_attn_indexes=list(range(cfg.vision_layers))),
-        prompt_encoder_config=dict(hidden_size=e, image_size=s, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=e, mlp_dim=4 * e, num_hidden_layers=2,
-                                 num_attention_heads=cfg.decoder_heads, iou_head_hidden_dim=e),
-    )
-    if cfg.arch == "sam_hq":
-        # SAM-HQ fuses the first ViT layer's features (vit_dim wide) into its HQ mask
-        parts["mask_decoder_config"]["vit_dim"] = cfg.vision_hidden
-        config = SamHQConfig(**parts)
-        model = SamHQModel(config)
-    else:
-        config = SamConfig(**parts)
-        model = SamModel(config)
+    vision = dict(hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.vision_heads, mlp_dim=4 * cfg.vision_hidden, image_size=s,
+                  patch_size=16, output_channels=e, num_pos_feats=e // 2,
+                  # 16 x 16 tokens: global attention in every layer is cheap, no windows
+                  window_size=0, global_attn_indexes=list(range(cfg.vision_layers)))
+    prompt = dict(hidden_size=e, image_size=s, patch_size=16, mask_input_channels=4)
+    decoder = dict(hidden_size=e, mlp_dim=4 * e, num_hidden_layers=2, num_attention_heads=cfg.decoder_heads,
+                   iou_head_hidden_dim=e)
+    # a SamModel, or a SamHQModel whose HQ mask also reads the first ViT layer's features
+    model = sam_model(cfg.arch, (vision, prompt, decoder))
     # transformers' N(0, 0.02) init (meant to be overwritten by a checkpoint) starves the
     # mask head from scratch (gradient norm 0.01 at step 0, against 0.4): PyTorch's, as SAM
     for mod in model.modules():
@@ -156,7 +147,7 @@ def build_model(cfg: TrainConfig):
     with torch.no_grad():
         pe.normal_(0.0, 1.0)
     pe.requires_grad_(False)
-    return model, processor_for(config)
+    return model, processor_for(model.config)
 
 
 # -- the data ------------------------------------------------------------------------------
@@ -325,14 +316,15 @@ def _train_step(model, opt, sched, batch: Batch, cfg: TrainConfig, step: int) ->
     import torch
 
     loss, iou_box = _step_loss(model, batch, cfg, step)
+    value = float(loss.detach())
+    if not math.isfinite(value):  # before the update: a diverged step must not move the weights
+        raise FloatingPointError(f"training diverged at step {step}: loss {value}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     sched.step()
-    if not math.isfinite(float(loss.detach())):
-        raise FloatingPointError(f"training diverged at step {step}: loss {float(loss.detach())}")
-    return float(loss.detach()), iou_box
+    return value, iou_box
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, threads: int | None = None, eval_images: int = EVAL_IMAGES,
